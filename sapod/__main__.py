@@ -1,0 +1,3 @@
+from sapod.cli import entry
+
+entry()

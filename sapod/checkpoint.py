@@ -1,0 +1,91 @@
+"""A node's own checkpoints: ``checkpoints/round_{r}/{node_id}/``, COMPLETE written last.
+
+Runs on the GPU thread (it reads the model). A folder without COMPLETE does not
+exist for readers. A node only ever loads its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sapod import paths, schema
+from sapod.errors import Rejected
+from sapod.policy.base import Policy
+from sapod.store import atomic_write_json, read_json
+
+ROUND_DIR_RE = re.compile(r"^round_(\d{1,9})$")
+COUNTERS = "counters.json"
+
+
+def save_checkpoint(root: Path, node_id: str, round_: int, policy: Policy, counters: dict[str, Any],
+                    keep: int) -> Path:
+    final = paths.checkpoint_dir(root, round_, node_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{node_id}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        policy.save(tmp)
+        atomic_write_json(tmp / COUNTERS, {"schema": schema.CHECKPOINT, "node_id": node_id, "round": round_,
+                                           **counters})
+        atomic_write_json(paths.complete_marker(tmp), {"node_id": node_id, "round": round_})
+        if final.exists():  # a retry of the same round: ours to replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(root, node_id, keep)
+    return final
+
+
+def list_checkpoints(root: Path, node_id: str) -> list[tuple[int, Path]]:
+    """This node's complete checkpoints, oldest first."""
+    found = []
+    try:
+        entries = os.listdir(paths.checkpoints_dir(root))
+    except FileNotFoundError:
+        return []
+    for name in entries:
+        m = ROUND_DIR_RE.match(name)
+        if not m:
+            continue
+        d = paths.checkpoint_dir(root, int(m.group(1)), node_id)
+        if paths.complete_marker(d).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path, node_id: str) -> tuple[int, Path] | None:
+    found = list_checkpoints(root, node_id)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: Path, node_id: str, keep: int) -> None:
+    for _, d in list_checkpoints(root, node_id)[:-keep]:
+        # The marker goes first, so a half-deleted folder is never taken for complete.
+        paths.complete_marker(d).unlink(missing_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+        try:
+            d.parent.rmdir()  # only succeeds once no node has a checkpoint for that round
+        except OSError:
+            pass
+
+
+def read_counters(directory: Path, node_id: str) -> dict[str, Any]:
+    doc = read_json(directory / COUNTERS)
+    if doc is None:
+        raise Rejected("counters.json missing")
+    if doc.get("schema") != schema.CHECKPOINT or doc.get("node_id") != node_id:
+        raise Rejected("counters.json belongs to another schema or node")
+    for key in ("round", "rounds_done"):
+        if not isinstance(doc.get(key), int) or isinstance(doc.get(key), bool):
+            raise Rejected(f"counters.json field {key!r} missing or not an integer")
+    if not isinstance(doc.get("cumulative_reward"), (int, float)) or not math.isfinite(doc["cumulative_reward"]):
+        raise Rejected("counters.json field 'cumulative_reward' missing or not finite")
+    return doc

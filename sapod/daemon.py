@@ -1,0 +1,86 @@
+"""Running one node as a process: event loop choice, signals, exit codes.
+
+Signal handlers only set a flag; the node finishes or abandons its current phase
+within STOP_TIMEOUT, checkpoints if its model changed, writes a final heartbeat
+and returns. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from sapod.config import Config
+from sapod.errors import Displaced, StartupError
+from sapod.logs import configure_logging, get_logger
+
+EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_START, EXIT_DISPLACED = 0, 1, 2, 3, 4
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """uvloop where it is installed, the standard loop otherwise; chosen here only."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def make_node(cfg: Config, stop: asyncio.Event) -> Any:
+    if cfg.role == "coordinator":
+        from sapod.coordinator import Coordinator
+
+        return Coordinator(cfg, stop=stop)
+    from sapod.worker import Worker
+
+    return Worker(cfg, stop=stop)
+
+
+async def serve(cfg: Config) -> int:
+    log = get_logger()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("forced_exit", signal=name)
+            sys.stdout.flush()
+            os._exit(EXIT_CRASH)
+        log.info("stop_requested", signal=name, stop_timeout=cfg.stop_timeout)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    node = make_node(cfg, stop)
+    try:
+        await node.run()
+        return EXIT_OK
+    except Displaced as exc:
+        log.error("displaced", reason=str(exc))
+        return EXIT_DISPLACED
+    except StartupError as exc:
+        log.error("startup_failed", reason=str(exc))
+        return EXIT_START
+    except Exception:
+        log.exception("crashed")
+        return EXIT_CRASH
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run_node(cfg: Config) -> int:
+    configure_logging(cfg.log_format, cfg.log_level)
+    code = run_loop(serve(cfg))
+    from sapod.executor import busy
+
+    if busy():
+        # The GPU thread is stuck past STOP_TIMEOUT; the interpreter would wait for it.
+        sys.stdout.flush()
+        os._exit(code)
+    return code

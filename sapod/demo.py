@@ -1,0 +1,168 @@
+"""``sapod demo``: a coordinator and N workers in one process on a temporary folder,
+one line per completed round, and a summary table at the end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sapod import paths
+from sapod.config import Config, add_arguments, build_config
+from sapod.daemon import run_loop
+from sapod.errors import ModelLoadError
+from sapod.logs import configure_logging
+from sapod.progress import metrics_summary
+from sapod.schema import parse_submission
+from sapod.state import StateReader
+from sapod.store import list_node_files, read_json
+
+DEMO_DEFAULTS: dict[str, Any] = {
+    "experiment": "demo", "max_new_tokens": 48, "heartbeat_interval": 1.0, "peer_timeout": 30.0,
+    "poll_interval": 0.5, "gather_timeout": 60.0, "round_timeout": 300.0, "log_level": "warning",
+    "stop_timeout": 30.0, "learning_rate": 1e-4,
+}
+SHARED_FLAGS = ("model", "seed", "num_train_samples", "num_transplant_trees", "num_generations", "max_new_tokens",
+                "learning_rate", "tasks", "watch_mode", "log_format", "log_level", "cache_dir", "device",
+                "experiment")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def demo_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sapod demo", description=(
+        "Run a small swarm (a coordinator and N workers) in this process on a temporary folder "
+        "with the embedded model, then print a summary."))
+    parser.add_argument("--workers", type=int, default=2, help="number of workers [default: 2]")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds to run [default: 3]")
+    add_arguments(parser, only=SHARED_FLAGS + ("shared",), defaults=DEMO_DEFAULTS)
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.rounds < 1:
+        parser.error("--workers and --rounds must be at least 1")
+    flags = vars(args)
+    shared = flags["shared"] or tempfile.mkdtemp(prefix="sapod-demo-")
+    Path(shared).mkdir(parents=True, exist_ok=True)
+    defaults = {**DEMO_DEFAULTS, "max_rounds": args.rounds, "checkpoint_interval": args.rounds}
+    base = build_config({**flags, "shared": shared}, defaults=defaults)
+    configure_logging(base.log_format, base.log_level, stream=sys.stderr)
+    _out(f"sapod demo: {args.workers} workers, {args.rounds} rounds, model {base.model}, "
+         f"I={base.num_train_samples} J={base.num_transplant_trees} G={base.num_generations}")
+    _out(f"shared folder: {base.root}")
+    if base.model == "sapod:tiny":
+        try:
+            _prepare_tiny(base)
+        except (ModelLoadError, OSError) as exc:
+            _out(f"cannot build sapod:tiny: {exc}")
+            return 3
+    t0 = time.monotonic()
+    code = run_loop(_run_swarm(base, args.workers))
+    _summary(base, time.monotonic() - t0)
+    return code
+
+
+def _prepare_tiny(cfg: Config) -> None:
+    from sapod.policy.tiny import ensure_tiny
+
+    last = [-1]
+
+    def progress(stage: str, fraction: float) -> None:
+        pct = int(fraction * 100)
+        if pct // 10 != last[0] // 10 or pct == 100:
+            last[0] = pct
+            sys.stdout.write(f"\rbuilding sapod:tiny: {stage:<12} {pct:3d}%")
+            sys.stdout.flush()
+
+    t0 = time.monotonic()
+    where = ensure_tiny(cfg.cache_dir, progress=progress)
+    if last[0] >= 0:
+        _out(f"\rbuilt sapod:tiny in {time.monotonic() - t0:.1f}s at {where}" + " " * 10)
+
+
+async def _run_swarm(base: Config, n_workers: int) -> int:
+    from sapod.coordinator import Coordinator
+    from sapod.worker import Worker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    workers = [f"worker-{i + 1}" for i in range(n_workers)]
+    nodes = [Coordinator(base.with_(role="coordinator", node_id="coordinator"), stop=stop)]
+    nodes += [Worker(base.with_(role="worker", node_id=w), stop=stop) for w in workers]
+    tasks = [asyncio.create_task(n.run(), name=n.node_id) for n in nodes]
+    reporter = _RoundReporter(base, workers)
+    watching = asyncio.create_task(reporter.run())
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    watching.cancel()
+    reporter.report()
+    failed = [(t.get_name(), r) for t, r in zip(tasks, results) if isinstance(r, BaseException)]
+    for name, exc in failed:
+        _out(f"{name} failed: {type(exc).__name__}: {exc}")
+    return 1 if failed else 0
+
+
+class _RoundReporter:
+    """Prints one line per round once the coordinator has moved past it."""
+
+    def __init__(self, cfg: Config, workers: list[str]):
+        self.cfg, self.workers = cfg, workers
+        self.reader = StateReader(cfg.root)
+        self.reported, self.t_last = -1, time.monotonic()
+
+    def report(self) -> None:
+        state = self.reader.read()
+        if state is None:
+            return
+        done = state.round - 1 if state.status == "open" else state.round
+        while self.reported < done:
+            self.reported += 1
+            rewards = _round_rewards(self.cfg.root, self.reported)
+            cells = "  ".join(f"{w} {rewards[w][0]:.3f} ({rewards[w][1]} ext)" if w in rewards else f"{w} -"
+                              for w in self.workers)
+            now = time.monotonic()
+            _out(f"round {self.reported + 1}/{self.cfg.max_rounds} done in {now - self.t_last:5.1f}s   "
+                 f"reward: {cells}")
+            self.t_last = now
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            await asyncio.to_thread(self.report)
+
+
+def _round_rewards(root: Path, round_: int) -> dict[str, tuple[float, int]]:
+    out = {}
+    for node_id, path in list_node_files(paths.rewards_dir(root, round_, 0)).items():
+        try:
+            doc = read_json(path)
+            if doc is not None:
+                sub = parse_submission(doc, node_id, round_, 0)
+                out[node_id] = (sub.reward_mean, sub.n_external)
+        except Exception:
+            continue
+    return out
+
+
+def _summary(cfg: Config, seconds: float) -> None:
+    root = cfg.root
+    nodes = sorted(p.name for p in (root / "logs").iterdir() if p.is_dir()) if (root / "logs").is_dir() else []
+    _out()
+    _out(f"{'node':<14}{'rounds':>7}{'mean reward':>13}{'cumulative':>12}{'external used':>15}")
+    for node in nodes:
+        s = metrics_summary(root, node)
+        if s["rounds"] == 0:
+            continue
+        _out(f"{node:<14}{s['rounds']:>7}{s['mean_reward']:>13.4f}{s['cumulative_reward']:>12.4f}"
+             f"{s['external_used']:>15}")
+    _out()
+    _out(f"finished in {seconds:.1f}s; files under {root}")
+    _out(f"  state: {paths.state_file(root)}")
+    _out(f"  metrics: {root / 'logs'}/<node>/metrics.jsonl   checkpoints: {paths.checkpoints_dir(root)}")

@@ -1,0 +1,31 @@
+"""Exceptions with a meaning for the node; each maps to an exit code or a logged reason."""
+
+from __future__ import annotations
+
+
+class SapodError(Exception):
+    """Base class."""
+
+
+class ConfigError(SapodError):
+    """A bad setting; the CLI prints it on one line and exits 2."""
+
+
+class StartupError(SapodError):
+    """The node cannot start (shared folder unusable, model cannot load); exit 3."""
+
+
+class ModelLoadError(StartupError):
+    """The model or tokenizer cannot be loaded."""
+
+
+class Displaced(SapodError):
+    """Another daemon owns this NODE_ID, or a newer coordinator took over; exit 4."""
+
+
+class Rejected(SapodError):
+    """Peer data that is not accepted; ``reason`` says why, for the log."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,67 @@
+"""Reading, checking and scoring the rollouts other nodes published for a round.
+
+Everything here is peer data: a file that is bad is rejected with a reason and
+counted, never allowed to raise out. Items are regenerated from their provenance
+with this node's own task source, so a forged question or gold answer is caught,
+and every completion is scored with this node's own verifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sapod import paths
+from sapod.errors import Rejected
+from sapod.logs import get_logger
+from sapod.schema import Rollouts, parse_rollouts
+from sapod.store import ROLLOUT_FILE_MAX, list_node_files, read_json
+from sapod.tasks import TaskSource
+from sapod.types import Group
+
+
+@dataclass
+class GatherResult:
+    rollouts: dict[str, Rollouts] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # node -> reason (whole file)
+    invalid_items: int = 0
+
+
+def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: GatherResult) -> None:
+    """Add every newly visible, well-formed peer file to ``result`` (files are write-once)."""
+    log = get_logger()
+    for node_id, path in list_node_files(paths.rollouts_dir(root, round_, stage)).items():
+        if node_id == me or node_id in result.rollouts:
+            continue
+        try:
+            doc = read_json(path, ROLLOUT_FILE_MAX)
+            if doc is None:
+                continue
+            result.rollouts[node_id] = parse_rollouts(doc, node_id, round_, stage)
+            result.rejected.pop(node_id, None)
+        except Rejected as exc:
+            # Kept as "not there yet": a file that is still syncing may parse later.
+            if result.rejected.get(node_id) != exc.reason:
+                log.warning("rollouts_rejected", peer=node_id, reason=exc.reason)
+            result.rejected[node_id] = exc.reason
+
+
+def score_external(result: GatherResult, tasks: TaskSource, max_completions: int) -> list[Group]:
+    """Check each peer item's provenance and score its completions with our verifier."""
+    log = get_logger()
+    groups: list[Group] = []
+    for node_id, rollouts in sorted(result.rollouts.items()):
+        for claimed in rollouts.items:
+            try:
+                if len(claimed.completions) < 2 or len(claimed.completions) > max_completions:
+                    raise Rejected(f"{len(claimed.completions)} completions (allowed 2..{max_completions})")
+                item = tasks.check(claimed.task, claimed.seed, claimed.index, claimed.question, claimed.answer)
+            except Rejected as exc:
+                result.invalid_items += 1
+                log.warning("item_rejected", peer=node_id, task=claimed.task[:64], index=claimed.index,
+                            reason=exc.reason)
+                continue
+            completions = list(claimed.completions)
+            rewards = [tasks.score(item, c) for c in completions]
+            groups.append(Group(item=item, completions=completions, rewards=rewards, source=node_id))
+    return groups

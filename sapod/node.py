@@ -1,0 +1,190 @@
+"""What every node shares: identity, registration, heartbeat, phases, stop handling.
+
+A node is an object, not a process: several can run in one event loop (tests,
+``sapod demo``, benchmarks). ``run()`` returns when the node is done or told to
+stop, and raises ``Displaced`` or ``StartupError`` for the daemon to turn into an
+exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from sapod import __version__, paths, schema
+from sapod.config import Config
+from sapod.errors import Displaced, Rejected, StartupError
+from sapod.logs import append_jsonl, get_logger
+from sapod.store import atomic_write_json, read_json
+from sapod.watch import Watcher, pick_watch_mode
+
+T = TypeVar("T")
+
+
+async def io(fn: Callable[..., T], *args: Any) -> T:
+    """Blocking file work off the loop: a slow mount must not stall heartbeats."""
+    return await asyncio.to_thread(fn, *args)
+
+
+class Node:
+    role = "node"
+
+    def __init__(self, cfg: Config, *, stop: asyncio.Event | None = None):
+        self.cfg = cfg
+        self.root = cfg.root
+        self.node_id = cfg.node_id
+        self.instance = uuid.uuid4().hex
+        self.started_at = time.time()
+        self.stop = stop or asyncio.Event()
+        self.phase = "starting"
+        self.status = "running"
+        self.round = -1
+        self.beat = 0
+        self.log = get_logger()
+        self.watcher: Watcher | None = None
+        self.watch_mode = "poll"
+        self._hb_task: asyncio.Task[None] | None = None
+        self._hb_lock = asyncio.Lock()
+        self._displaced: Displaced | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(node=self.node_id, role=self.role)
+        try:
+            await self.startup()
+            self._hb_task = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.node_id}")
+            await self.main()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        self.watch_mode, why = pick_watch_mode(self.cfg.watch_mode, self.cfg.shared)
+        try:
+            await io(self._check_folder)
+        except OSError as exc:
+            raise StartupError(f"shared folder {self.cfg.shared} is not usable: {exc}") from None
+        self.watcher = Watcher(self.watch_mode, asyncio.get_running_loop())
+        self.log.info("node_starting", version=__version__, instance=self.instance, model=self.cfg.model,
+                      shared=str(self.cfg.shared), experiment=self.cfg.experiment, watch=self.watch_mode,
+                      watch_reason=why)
+
+    def _check_folder(self) -> None:
+        if not self.cfg.shared.is_dir():
+            raise OSError(f"{self.cfg.shared} is not a folder (is the drive mounted?)")
+        for d in (paths.peers_dir(self.root), paths.state_dir(self.root), paths.logs_dir(self.root, self.node_id)):
+            d.mkdir(parents=True, exist_ok=True)
+        self._write_peer()
+
+    async def main(self) -> None:
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        if self._hb_task is not None:
+            self._hb_task.cancel()
+            try:
+                await self._hb_task
+            except (asyncio.CancelledError, Displaced):
+                pass
+        if self.watcher is not None:
+            self.watcher.close()
+        if self._displaced is None and self.phase != "starting":
+            if self.status == "running":
+                self.status = "stopped"
+            try:
+                await self.heartbeat()  # the final one says we are gone
+            except (OSError, Displaced):
+                pass
+        self.log.info("node_stopped", status=self.status, round=self.round)
+
+    # -- heartbeat --------------------------------------------------------------
+    def _peer_doc(self) -> dict[str, Any]:
+        doc = schema.envelope(schema.PEER, self.node_id, self.instance, self.round, 0, 0)
+        doc.update(role=self.role, model=self.cfg.model, host=socket.gethostname()[:256], pid=os.getpid(),
+                   version=__version__, started_at=self.started_at, beat=self.beat, phase=self.phase,
+                   status=self.status)
+        return doc
+
+    def _write_peer(self) -> None:
+        self.beat += 1
+        atomic_write_json(paths.peer_file(self.root, self.node_id), self._peer_doc())
+
+    def _check_owner(self) -> None:
+        """Anyone else's instance in our peer file wrote it after our last beat: a twin.
+
+        The later-started daemon yields (exit 4); the earlier one carries on and
+        overwrites, so the twin sees the original owner on its next beat. A stale
+        file from a crashed predecessor is overwritten at registration and never
+        comes back.
+        """
+        try:
+            doc = read_json(paths.peer_file(self.root, self.node_id))
+            other = schema.parse_peer(doc, self.node_id) if doc else None
+        except Rejected:
+            return
+        if other is None or other.instance == self.instance or other.status in ("stopped", "finished"):
+            return
+        if (other.started_at, other.instance) < (self.started_at, self.instance):
+            raise Displaced(f"another daemon (instance {other.instance[:8]} on {other.host}, pid {other.pid}) "
+                            f"owns NODE_ID {self.node_id}")
+        self.log.warning("duplicate_node_id", other_instance=other.instance, other_host=other.host)
+
+    async def heartbeat(self) -> None:
+        async with self._hb_lock:
+            await io(self._check_owner)
+            await io(self._write_peer)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval)
+            try:
+                await self.heartbeat()
+            except Displaced as exc:
+                self._displaced = exc
+                self.log.error("displaced", reason=str(exc))
+                self.stop.set()
+                return
+            except OSError as exc:
+                self.log.warning("heartbeat_failed", error=str(exc))
+
+    def check_displaced(self) -> None:
+        if self._displaced is not None:
+            raise self._displaced
+
+    # -- phases and waiting -------------------------------------------------------
+    async def set_phase(self, phase: str, **fields: Any) -> None:
+        """One canonical line and one training event per state transition."""
+        previous, self.phase = self.phase, phase
+        self.log.info("phase", phase=phase, previous=previous, **fields)
+        await append_jsonl(paths.events_file(self.root, self.node_id), {
+            "ts": time.time(), "node_id": self.node_id, "instance": self.instance, "round": self.round,
+            "phase": phase, "previous": previous, **fields})
+
+    async def progress(self, event: str, **fields: Any) -> None:
+        await append_jsonl(paths.progress_file(self.root, self.node_id), {
+            "ts": time.time(), "event": event, "node_id": self.node_id, "role": self.role,
+            "instance": self.instance, "round": self.round, **fields})
+
+    def watch(self, *folders: Path) -> None:
+        assert self.watcher is not None
+        self.watcher.watch(list(folders))
+
+    async def wait_event(self, timeout: float | None = None) -> None:
+        """Until a file event, the rescan interval, or a stop request."""
+        assert self.watcher is not None
+        timeout = self.cfg.poll_interval if timeout is None else min(timeout, self.cfg.poll_interval)
+        stop = asyncio.ensure_future(self.stop.wait())
+        woke = asyncio.ensure_future(self.watcher.wait(timeout))
+        try:
+            await asyncio.wait({stop, woke}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (stop, woke):
+                t.cancel()
+        self.check_displaced()

@@ -1,0 +1,80 @@
+"""Every shared-folder path, one line each. Nothing else builds paths into the folder.
+
+Layout (DESIGN.md section 3) under ``{GDRIVE_PATH}/experiments/{EXPERIMENT_NAME}/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def experiment_root(shared: Path, experiment: str) -> Path:
+    return Path(shared) / "experiments" / experiment
+
+
+def archives_dir(shared: Path) -> Path:
+    return Path(shared) / "archives"
+
+
+def experiment_file(root: Path) -> Path:
+    return root / "experiment.json"
+
+
+def state_dir(root: Path) -> Path:
+    return root / "state"
+
+
+def state_file(root: Path) -> Path:
+    return state_dir(root) / "current_state.json"
+
+
+def peers_dir(root: Path) -> Path:
+    return root / "peers"
+
+
+def peer_file(root: Path, node_id: str) -> Path:
+    return peers_dir(root) / f"{node_id}.json"
+
+
+def rollouts_dir(root: Path, round_: int, stage: int) -> Path:
+    return root / "rollouts" / f"round_{round_}" / f"stage_{stage}"
+
+
+def rollout_file(root: Path, round_: int, stage: int, node_id: str) -> Path:
+    return rollouts_dir(root, round_, stage) / f"{node_id}.json"
+
+
+def rewards_dir(root: Path, round_: int, stage: int) -> Path:
+    return root / "rewards" / f"round_{round_}" / f"stage_{stage}"
+
+
+def reward_file(root: Path, round_: int, stage: int, node_id: str) -> Path:
+    return rewards_dir(root, round_, stage) / f"{node_id}.json"
+
+
+def checkpoints_dir(root: Path) -> Path:
+    return root / "checkpoints"
+
+
+def checkpoint_dir(root: Path, round_: int, node_id: str) -> Path:
+    return checkpoints_dir(root) / f"round_{round_}" / node_id
+
+
+def complete_marker(directory: Path) -> Path:
+    return directory / "COMPLETE"
+
+
+def logs_dir(root: Path, node_id: str) -> Path:
+    return root / "logs" / node_id
+
+
+def metrics_file(root: Path, node_id: str) -> Path:
+    return logs_dir(root, node_id) / "metrics.jsonl"
+
+
+def events_file(root: Path, node_id: str) -> Path:
+    return logs_dir(root, node_id) / "training_events.jsonl"
+
+
+def progress_file(root: Path, node_id: str) -> Path:
+    return root / f"progress_{node_id}.jsonl"

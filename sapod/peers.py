@@ -1,0 +1,75 @@
+"""Who is in the swarm and who is alive, judged without trusting anyone's clock.
+
+A peer is alive while its heartbeat counter keeps changing: we note the time of
+each change on *our own* monotonic clock and call the peer dead once the counter
+has stood still for PEER_TIMEOUT. Wall-clock timestamps from other boxes are
+never compared.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sapod import paths
+from sapod.errors import Rejected
+from sapod.logs import get_logger
+from sapod.schema import Peer, parse_peer
+from sapod.store import list_node_files, read_json
+
+GONE = ("stopped", "finished")
+
+
+@dataclass
+class _Seen:
+    peer: Peer
+    changed_at: float  # our monotonic clock when (instance, beat) last changed
+
+
+class PeerTable:
+    def __init__(self, root: Path, timeout: float, clock: Callable[[], float] = time.monotonic):
+        self.root = root
+        self.timeout = timeout
+        self.clock = clock
+        self._seen: dict[str, _Seen] = {}
+        self._rejected: dict[str, str] = {}
+        self._log = get_logger()
+
+    def refresh(self) -> None:
+        now = self.clock()
+        for node_id, path in list_node_files(paths.peers_dir(self.root)).items():
+            try:
+                doc = read_json(path)
+                if doc is None:
+                    continue
+                peer = parse_peer(doc, node_id)
+            except Rejected as exc:
+                if self._rejected.get(node_id) != exc.reason:  # log each new reason once
+                    self._rejected[node_id] = exc.reason
+                    self._log.warning("peer_file_rejected", peer=node_id, reason=exc.reason)
+                continue
+            self._rejected.pop(node_id, None)
+            seen = self._seen.get(node_id)
+            if seen is None or (seen.peer.instance, seen.peer.beat) != (peer.instance, peer.beat):
+                self._seen[node_id] = _Seen(peer, now)
+            else:
+                seen.peer = peer
+
+    def peers(self) -> dict[str, Peer]:
+        return {k: v.peer for k, v in self._seen.items()}
+
+    def alive(self, node_id: str) -> bool:
+        seen = self._seen.get(node_id)
+        if seen is None or seen.peer.status in GONE:
+            return False
+        return self.clock() - seen.changed_at < self.timeout
+
+    def live(self, role: str | None = "worker") -> set[str]:
+        return {k for k, v in self._seen.items() if (role is None or v.peer.role == role) and self.alive(k)}
+
+    def age(self, node_id: str) -> float | None:
+        """Seconds since we saw this peer's heartbeat move, on our clock."""
+        seen = self._seen.get(node_id)
+        return None if seen is None else self.clock() - seen.changed_at

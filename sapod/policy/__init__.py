@@ -1,0 +1,1 @@
+"""Policies: what generates completions and learns from rewards."""

@@ -1,0 +1,36 @@
+"""MODEL_NAME to a policy: the embedded ones by name, anything else through transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sapod.config import Config
+from sapod.errors import ModelLoadError
+from sapod.policy.base import Policy
+
+SCRIPTED = "sapod:scripted"
+TINY = "sapod:tiny"
+EMBEDDED = (SCRIPTED, TINY)
+
+
+def load_policy(cfg: Config, system_prompt: str,
+                progress: Callable[[str, float], None] | None = None) -> Policy:
+    if cfg.model == SCRIPTED:
+        from sapod.policy.scripted import ScriptedPolicy
+
+        return ScriptedPolicy()
+    if cfg.model.startswith("sapod:") and cfg.model not in EMBEDDED:
+        raise ModelLoadError(f"unknown embedded model {cfg.model!r}: use one of {', '.join(EMBEDDED)}")
+    from sapod.policy.hf import HFPolicy
+
+    path = cfg.model
+    if cfg.model == TINY:
+        from sapod.policy.tiny import ensure_tiny
+
+        try:
+            path = str(ensure_tiny(cfg.cache_dir, progress=progress))
+        except OSError as exc:
+            raise ModelLoadError(f"cannot build sapod:tiny in {cfg.cache_dir}: {exc}") from None
+    return HFPolicy(path, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,
+                    learning_rate=cfg.learning_rate, temperature=cfg.temperature,
+                    device=None if cfg.device == "auto" else cfg.device, name=cfg.model)

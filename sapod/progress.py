@@ -1,0 +1,88 @@
+"""Reading back what nodes recorded: per-node progress and metrics, as plain data.
+
+``get_experiment_progress`` is the original project's monitoring entry point.
+Records are read line by line; a torn or foreign line is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from sapod import paths
+from sapod.state import StateReader
+from sapod.store import NODE_ID_PATTERN, valid_node_id
+
+PROGRESS_RE = re.compile(rf"^progress_({NODE_ID_PATTERN})\.jsonl$")
+MAX_LINE = 1 << 20
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if len(line) > MAX_LINE:
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line still being appended, or damaged
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError:
+        pass
+    return rows
+
+
+def progress_nodes(root: Path) -> list[str]:
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(m.group(1) for n in names if (m := PROGRESS_RE.match(n)) and valid_node_id(m.group(1)))
+
+
+def metrics_summary(root: Path, node_id: str) -> dict[str, Any]:
+    rows = read_jsonl(paths.metrics_file(root, node_id))
+    means = [float(r.get("reward_mean", 0.0)) for r in rows]
+    return {
+        "rounds": len(rows),
+        "mean_reward": sum(means) / len(means) if means else 0.0,
+        "cumulative_reward": float(rows[-1].get("cumulative_reward", 0.0)) if rows else 0.0,
+        "external_used": sum(int(r.get("n_external", 0)) for r in rows),
+        "last_round": int(rows[-1].get("round", -1)) if rows else -1,
+    }
+
+
+def get_experiment_progress(shared_root: str | Path, experiment: str) -> dict[str, Any]:
+    """``{"experiment", "state", "nodes": {node_id: {...}}}`` from the shared folder."""
+    root = paths.experiment_root(Path(shared_root), experiment)
+    state = StateReader(root).read()
+    nodes: dict[str, Any] = {}
+    for node_id in progress_nodes(root):
+        events = read_jsonl(paths.progress_file(root, node_id))
+        last = events[-1] if events else {}
+        nodes[node_id] = {
+            "role": last.get("role"),
+            "last_event": last.get("event"),
+            "last_event_ts": last.get("ts"),
+            "round": last.get("round"),
+            "rounds_completed": sum(1 for e in events if e.get("event") == "round_complete"),
+            "checkpoints": sum(1 for e in events if e.get("event") == "checkpoint"),
+            "errors": sum(1 for e in events if e.get("event") == "error"),
+            "finished": any(e.get("event") == "finished" for e in events),
+            "cumulative_reward": last.get("cumulative_reward"),
+        }
+        if last.get("role") == "worker":
+            nodes[node_id]["metrics"] = metrics_summary(root, node_id)
+    return {
+        "experiment": experiment,
+        "root": str(root),
+        "state": None if state is None else {"round": state.round, "stage": state.stage, "status": state.status,
+                                              "epoch": state.epoch, "seq": state.seq},
+        "nodes": nodes,
+    }

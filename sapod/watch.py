@@ -1,0 +1,119 @@
+"""File events as hints: watchdog (inotify) bridged onto the event loop, or none.
+
+Events only wake the loop early; the node always re-reads what it needs and
+rescans every POLL_INTERVAL anyway, because inotify never sees writes made by
+other machines on network mounts. In poll mode there is no observer at all: the
+rescan *is* the polling, and it reads only the few files the current phase needs
+(watchdog's PollingObserver would walk and stat whole trees, and stops for good on
+one I/O error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from sapod.logs import get_logger
+
+NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "9p", "afs", "ceph", "glusterfs", "lustre",
+              "davfs", "sshfs", "virtiofs")
+
+
+def mount_fstype(path: Path) -> str:
+    """The filesystem type of the mount that holds ``path`` (from /proc/self/mounts)."""
+    try:
+        target = os.path.realpath(path)
+        best, fstype = "", "unknown"
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, parts[2]
+        return fstype
+    except OSError:
+        return "unknown"
+
+
+def pick_watch_mode(requested: str, shared: Path) -> tuple[str, str]:
+    """(mode, reason). ``auto`` polls on network and FUSE mounts, where inotify is blind."""
+    if requested != "auto":
+        return requested, "requested"
+    fstype = mount_fstype(shared)
+    if fstype.startswith("fuse") or fstype in NETWORK_FS:
+        return "poll", f"{fstype} mount"
+    try:
+        from watchdog.observers.inotify import InotifyObserver  # noqa: F401
+    except Exception:  # pragma: no cover - platforms without inotify
+        return "poll", "inotify unavailable"
+    return "inotify", f"{fstype} mount"
+
+
+class Watcher:
+    """Watches a small, changing set of folders (never a whole tree) and wakes a waiter."""
+
+    def __init__(self, mode: str, loop: asyncio.AbstractEventLoop):
+        self.mode = mode
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._observer: Any = None
+        self._watches: dict[Path, Any] = {}
+        self.degraded = False
+        self._log = get_logger()
+        if mode == "inotify":
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers.inotify import InotifyObserver
+
+            watcher = self
+
+            class _Bridge(FileSystemEventHandler):
+                # Runs on the observer's thread: hand over to the loop, do nothing else.
+                def on_any_event(self, event: Any) -> None:
+                    watcher._loop.call_soon_threadsafe(watcher._wake.set)
+
+            self._handler = _Bridge()
+            self._observer = InotifyObserver()
+            self._observer.daemon = True
+            self._observer.start()
+
+    def watch(self, folders: list[Path]) -> None:
+        """Watch exactly these folders (creating them), dropping the others."""
+        if self._observer is None:
+            return
+        wanted = {Path(f) for f in folders}
+        for old in set(self._watches) - wanted:
+            try:
+                self._observer.unschedule(self._watches.pop(old))
+            except (KeyError, ValueError, OSError):
+                pass
+        for folder in wanted - set(self._watches):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._watches[folder] = self._observer.schedule(self._handler, str(folder), recursive=False)
+            except OSError as exc:
+                # Without the watch the rescan still finds everything, only later.
+                self.degraded = True
+                self._log.warning("watch_failed", folder=str(folder), error=str(exc))
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Until an event or ``timeout`` seconds; True if an event woke us."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._wake.clear()
+
+    def close(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=2)
+            self._observer = None

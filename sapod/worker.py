@@ -1,0 +1,285 @@
+"""A training node. Its state machine, in one place:
+
+    register -> await_stage -> generate -> publish -> gather -> train -> submit
+             -> [checkpoint] -> await_stage ... -> finished
+
+Generation, training and checkpoints run on the process's single GPU thread;
+the loop keeps heartbeats and file events flowing meanwhile. A worker that
+starts late or restarts resumes from its latest complete checkpoint and joins
+the round that is open now; it never writes into a closed round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any, TypeVar
+
+import structlog
+
+from sapod import paths, schema
+from sapod.checkpoint import latest_checkpoint, read_counters, save_checkpoint
+from sapod.errors import Rejected, StartupError
+from sapod.executor import run_on_gpu
+from sapod.gather import GatherResult, read_peer_rollouts, score_external
+from sapod.logs import append_jsonl
+from sapod.node import Node, io
+from sapod.peers import PeerTable
+from sapod.policy.loader import load_policy
+from sapod.sampling import round_seed, select_external
+from sapod.schema import State
+from sapod.state import StateReader, read_experiment
+from sapod.store import atomic_write_json, read_json
+from sapod.tasks import make_task_source
+from sapod.types import Group
+
+T = TypeVar("T")
+SWARM_SETTINGS = ("num_train_samples", "num_transplant_trees", "num_generations", "tasks", "seed")
+
+
+class Stopping(Exception):
+    """A stop request arrived; the current round is abandoned."""
+
+
+class Worker(Node):
+    role = "worker"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.cumulative_reward = 0.0
+        self.rounds_done = 0
+        self.external_used = 0
+        self.last_round = -1  # last round this node finished (trained on)
+        self.dirty = False  # model changed since the last checkpoint
+        self.gpu_abandoned = False
+
+    async def main(self) -> None:
+        await self.set_phase("register")
+        await self._adopt_settings()
+        self.tasks = make_task_source(self.cfg.tasks)
+        try:
+            self.policy = await run_on_gpu(load_policy, self.cfg, self.tasks.system_prompt)
+        except StartupError:
+            raise
+        except Exception as exc:  # a model that cannot load is a failed start, not a crash
+            raise StartupError(f"cannot load model {self.cfg.model!r}: {exc}") from exc
+        await self._resume()
+        self.reader = StateReader(self.root)
+        self.table = PeerTable(self.root, self.cfg.peer_timeout)
+        await self.progress("started", model=self.cfg.model, resumed_round=self.last_round)
+        try:
+            while not self.stop.is_set():
+                await self.set_phase("await_stage")
+                state = await self._await_state()
+                if state is None:
+                    break
+                if state.status == "finished":
+                    self.status = "finished"
+                    break
+                try:
+                    await self._round(state)
+                except Stopping:
+                    self.log.info("round_abandoned", round=state.round)
+                    break
+        finally:
+            await self._final_checkpoint()
+        if self.status == "finished":
+            await self.set_phase("finished", rounds_done=self.rounds_done)
+            await self.progress("finished", rounds_done=self.rounds_done, cumulative_reward=self.cumulative_reward)
+
+    # -- startup --------------------------------------------------------------------
+    async def _adopt_settings(self) -> None:
+        """The coordinator's experiment.json settings are the swarm's; wait for it."""
+        self.watch(self.root)
+        while (settings := await io(read_experiment, self.root)) is None:
+            if self.stop.is_set():
+                raise Stopping()
+            await self.wait_event()
+        changes = {k: settings[k] for k in SWARM_SETTINGS if k in settings and settings[k] != getattr(self.cfg, k)}
+        if changes:
+            self.log.info("settings_from_experiment", **changes)
+            self.cfg = self.cfg.with_(**changes)
+
+    async def _resume(self) -> None:
+        found = await io(latest_checkpoint, self.root, self.node_id)
+        if found is None:
+            return
+        round_, directory = found
+        try:
+            counters = await io(read_counters, directory, self.node_id)
+            await run_on_gpu(self.policy.load, directory)
+        except (Rejected, OSError, ValueError, RuntimeError) as exc:
+            raise StartupError(f"checkpoint {directory} cannot be restored: {exc}") from exc
+        self.last_round = counters["round"]
+        self.rounds_done = counters["rounds_done"]
+        self.cumulative_reward = float(counters["cumulative_reward"])
+        self.external_used = int(counters.get("external_used", 0))
+        self.round = self.last_round
+        self.log.info("resumed", checkpoint=str(directory), round=self.last_round, rounds_done=self.rounds_done)
+        await self.progress("resumed", checkpoint_round=round_)
+
+    async def _await_state(self) -> State | None:
+        self.watch(paths.state_dir(self.root))
+        while not self.stop.is_set():
+            state = await io(self.reader.read)
+            if state is not None and (state.status == "finished" or state.round > self.last_round):
+                return state
+            await self.wait_event()
+        return None
+
+    # -- one round ------------------------------------------------------------------
+    async def _gpu(self, fn: Any, *args: Any) -> Any:
+        """GPU work that a stop waits for, but at most STOP_TIMEOUT longer."""
+        fut = asyncio.ensure_future(run_on_gpu(fn, *args))
+        stop = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({fut, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not fut.done():
+            done, _ = await asyncio.wait({fut}, timeout=self.cfg.stop_timeout)
+            if not done:
+                self.gpu_abandoned = True
+                raise Stopping()
+        return fut.result()
+
+    def _check_stop(self) -> None:
+        self.check_displaced()
+        if self.stop.is_set():
+            raise Stopping()
+
+    async def _round(self, state: State) -> None:
+        r, s, cfg = state.round, state.stage, self.cfg
+        self.round = r
+        structlog.contextvars.bind_contextvars(round=r, stage=s)
+        if await io(read_json, paths.reward_file(self.root, r, s, self.node_id)) is not None:
+            self.log.info("already_submitted", round=r)  # a restart after submitting
+            self.last_round = r
+            return
+        t_round = time.monotonic()
+        await self.set_phase("generate")
+        items = self.tasks.sample(cfg.num_train_samples, round_seed(cfg.seed, self.node_id, r, "questions"))
+        t0 = time.monotonic()
+        gen = await self._gpu(self.policy.generate, items, cfg.num_generations,
+                              round_seed(cfg.seed, self.node_id, r, "generate"))
+        t_generate = time.monotonic() - t0
+        self._check_stop()
+
+        await self.set_phase("publish", tokens=gen.tokens, seconds=round(t_generate, 3))
+        from sapod.tasks import jsonable
+
+        doc = schema.envelope(schema.ROLLOUTS, self.node_id, self.instance, r, s, state.epoch)
+        doc["model"] = cfg.model
+        doc["items"] = [{"task": it.task, "seed": it.seed, "index": it.index, "question": it.question,
+                         "answer": it.answer, "metadata": jsonable(it.metadata), "completions": comps}
+                        for it, comps in zip(items, gen.completions)]
+        await io(atomic_write_json, paths.rollout_file(self.root, r, s, self.node_id), doc)
+
+        await self.set_phase("gather")
+        t0 = time.monotonic()
+        result = await self._gather(r, s)
+        t_gather = time.monotonic() - t0
+        local = [Group(it, comps, await io(self._score, it, comps), self.node_id)
+                 for it, comps in zip(items, gen.completions)]
+        external_all = await io(score_external, result, self.tasks, 4 * max(cfg.num_generations, 8))
+        external, dropped = select_external(external_all, cfg.num_transplant_trees,
+                                            random.Random(round_seed(cfg.seed, self.node_id, r, "external")))
+        self._check_stop()
+
+        await self.set_phase("train", local=len(local), external=len(external))
+        t0 = time.monotonic()
+        stats = await self._gpu(self.policy.train_step, local + external)
+        t_train = time.monotonic() - t0
+        self.dirty = True
+        own = [x for g in local for x in g.rewards]
+        reward_sum = sum(own)
+        reward_mean = reward_sum / len(own)
+        self.cumulative_reward += reward_mean
+        self.rounds_done += 1
+        self.external_used += len(external)
+        self.last_round = r
+
+        await self.set_phase("submit")
+        closed = await io(self._round_closed, r)
+        if closed:
+            self.log.warning("round_closed_before_submit", round=r)
+        else:
+            sub = schema.envelope(schema.REWARDS, self.node_id, self.instance, r, s, state.epoch)
+            sub.update(reward_mean=reward_mean, reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
+                       n_external=len(external), external_from=sorted({g.source for g in external}),
+                       cumulative_reward=self.cumulative_reward)
+            await io(atomic_write_json, paths.reward_file(self.root, r, s, self.node_id), sub)
+
+        t_ckpt = 0.0
+        if (r + 1) % cfg.checkpoint_interval == 0:
+            t_ckpt = await self._checkpoint()
+        row = {
+            "ts": time.time(), "round": r, "stage": s, "node_id": self.node_id, "rewards": own,
+            "reward_mean": reward_mean, "reward_sum": reward_sum, "cumulative_reward": self.cumulative_reward,
+            "n_local": len(local), "n_external": len(external), "external_from": sorted({g.source for g in external}),
+            "external_available": len(external_all), "dropped_zero_advantage": dropped,
+            "rejected_invalid": result.invalid_items + len(result.rejected), "submitted": not closed,
+            "loss": stats.get("loss", 0.0), "grad_norm": stats.get("grad_norm", 0.0),
+            "tokens_generated": gen.tokens, "tokens_trained": stats.get("tokens", 0),
+            "t_generate": t_generate, "t_gather": t_gather, "t_train": t_train, "t_checkpoint": t_ckpt,
+            "t_round": time.monotonic() - t_round,
+        }
+        await append_jsonl(paths.metrics_file(self.root, self.node_id), row)
+        self.log.info("round_done", reward_mean=round(reward_mean, 4), cumulative=round(self.cumulative_reward, 4),
+                      external=len(external), loss=round(row["loss"], 5), seconds=round(row["t_round"], 3))
+        await self.progress("round_complete", reward_mean=reward_mean, cumulative_reward=self.cumulative_reward,
+                            n_external=len(external))
+
+    def _score(self, item: Any, completions: list[str]) -> list[float]:
+        return [self.tasks.score(item, c) for c in completions]
+
+    def _round_closed(self, r: int) -> bool:
+        state = self.reader.read()
+        return state is not None and (state.round > r or state.status == "finished" and state.round != r)
+
+    async def _gather(self, r: int, s: int) -> GatherResult:
+        """Wait until every live peer's rollouts are here, or GATHER_TIMEOUT."""
+        result = GatherResult()
+        if self.cfg.num_transplant_trees == 0:
+            return result
+        self.watch(paths.rollouts_dir(self.root, r, s), paths.state_dir(self.root))
+        deadline = time.monotonic() + self.cfg.gather_timeout
+        while True:
+            await io(self.table.refresh)
+            await io(read_peer_rollouts, self.root, r, s, self.node_id, result)
+            waiting = self.table.live("worker") - {self.node_id} - set(result.rollouts)
+            if not waiting:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.log.warning("gather_timeout", waiting_for=sorted(waiting), have=sorted(result.rollouts))
+                break
+            if await io(self._round_closed, r):
+                break
+            self._check_stop()
+            await self.wait_event(left)
+        return result
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _counters(self) -> dict[str, Any]:
+        return {"rounds_done": self.rounds_done, "cumulative_reward": self.cumulative_reward,
+                "external_used": self.external_used, "instance": self.instance, "seed": self.cfg.seed,
+                # Every random choice is seeded from (SEED, node, round, purpose), so the
+                # round number is the whole RNG state a resume needs.
+                "rng": "derived from (seed, node_id, round, purpose)"}
+
+    async def _checkpoint(self) -> float:
+        await self.set_phase("checkpoint")
+        t0 = time.monotonic()
+        try:
+            where = await run_on_gpu(save_checkpoint, self.root, self.node_id, self.last_round, self.policy,
+                                     self._counters(), self.cfg.checkpoint_keep)
+        except OSError as exc:
+            self.log.error("checkpoint_failed", error=str(exc))
+            return time.monotonic() - t0
+        self.dirty = False
+        await self.progress("checkpoint", path=str(where))
+        return time.monotonic() - t0
+
+    async def _final_checkpoint(self) -> None:
+        if self.dirty and not self.gpu_abandoned and self._displaced is None and self.last_round >= 0:
+            await self._checkpoint()
