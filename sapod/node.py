@@ -62,6 +62,11 @@ class Node:
             await self.startup()
             self._hb_task = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.node_id}")
             await self.main()
+            self.check_displaced()
+        except Exception as exc:
+            if not isinstance(exc, (Displaced, StartupError)):
+                await self.progress("error", error=f"{type(exc).__name__}: {exc}"[:500])
+            raise
         finally:
             await self.shutdown()
 

@@ -26,3 +26,6 @@ class Policy(Protocol):
 
     def load(self, directory: Path) -> None:
         """Restore weights and optimizer state written by ``save``."""
+
+    def weights_fingerprint(self) -> str:
+        """A digest of the trainable state; changes when an update changed anything."""

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from sapod.config import Config, build_config
+from sapod.logs import configure_logging
+
+configure_logging("json", "warning")
+
+FAST = {"heartbeat_interval": "0.2", "peer_timeout": "2", "poll_interval": "0.1", "gather_timeout": "5",
+        "round_timeout": "30", "stop_timeout": "5", "model": "sapod:scripted", "log_level": "warning"}
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Config for an in-process node on a tmp shared folder, fast timings, scripted policy."""
+
+    def make(role: str = "worker", node_id: str = "w1", **over) -> Config:
+        flags = {**FAST, "role": role, "node_id": node_id, "shared": str(tmp_path), "experiment": "t",
+                 "cache_dir": str(tmp_path / "cache")}
+        flags.update({k: str(v) for k, v in over.items()})
+        return build_config(flags, {})
+
+    return make
+
+
+def run_nodes(*nodes, timeout: float = 60.0, stop_after: float | None = None):
+    """Run nodes in one loop until all return; results or exceptions in order."""
+
+    async def go():
+        tasks = [asyncio.create_task(n.run()) for n in nodes]
+        if stop_after is not None:
+            await asyncio.sleep(stop_after)
+            for n in nodes:
+                n.stop.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
+
+    return asyncio.run(go())
+
+
+def read_rows(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]

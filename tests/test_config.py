@@ -1,0 +1,70 @@
+"""Config: flags over environment over defaults, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sapod.cli import main
+from sapod.config import OPTIONS, build_config
+from sapod.errors import ConfigError
+
+ENV = {"GDRIVE_PATH": "/tmp/shared"}
+
+
+def test_defaults_and_original_variable_names():
+    """The original project's variable names set I, J, G and the rest."""
+    cfg = build_config({}, {**ENV, "NUM_TRAIN_SAMPLES": "3", "NUM_TRANSPLANT_TREES": "0", "NUM_GENERATIONS": "8",
+                            "NODE_ROLE": "coordinator", "NODE_ID": "c1", "EXPERIMENT_NAME": "exp", "MAX_ROUNDS": "7"})
+    assert (cfg.num_train_samples, cfg.num_transplant_trees, cfg.num_generations) == (3, 0, 8)
+    assert (cfg.role, cfg.node_id, cfg.experiment, cfg.max_rounds) == ("coordinator", "c1", "exp", 7)
+    assert cfg.root == Path("/tmp/shared/experiments/exp")
+
+
+def test_flags_win_over_environment():
+    """A flag beats the variable, which beats the default."""
+    cfg = build_config({"num_generations": "6"}, {**ENV, "NUM_GENERATIONS": "5", "SEED": "9"})
+    assert cfg.num_generations == 6 and cfg.seed == 9
+    assert build_config({}, ENV).num_generations == 4
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"NUM_GENERATIONS": "1"}, "NUM_GENERATIONS='1' is not allowed: must be an integer >= 2"),
+    ({"NUM_TRAIN_SAMPLES": "two"}, "NUM_TRAIN_SAMPLES='two' is not allowed"),
+    ({"MAX_STAGES": "2"}, "MAX_STAGES='2' is not allowed: must be 1"),
+    ({"WATCH_MODE": "fsevents"}, "WATCH_MODE='fsevents' is not allowed: must be auto, inotify or poll"),
+    ({"NODE_ID": "../evil"}, "NODE_ID='../evil' is not allowed"),
+    ({"LOG_FORMAT": "xml"}, "must be auto, json or console"),
+    ({"PEER_TIMEOUT": "1", "HEARTBEAT_INTERVAL": "5"}, "PEER_TIMEOUT=1.0 is not allowed"),
+])
+def test_bad_values_name_variable_value_and_allowed(env, needle):
+    """A bad value is a ConfigError naming the variable, the value and what is allowed."""
+    with pytest.raises(ConfigError) as err:
+        build_config({}, {**ENV, **env})
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_shared_folder_is_an_error():
+    """Without GDRIVE_PATH the node refuses to start and says how to fix it."""
+    with pytest.raises(ConfigError, match="GDRIVE_PATH is not set"):
+        build_config({}, {})
+
+
+def test_cli_exits_2_with_one_line(capsys):
+    """The CLI turns a bad value into exit 2 and one line on stderr."""
+    assert main(["--shared", "/tmp/x", "--num-generations", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NUM_GENERATIONS" in err[0] and "'0'" in err[0]
+
+
+def test_help_lists_every_option_with_variable_and_default():
+    """--help shows each flag with its environment variable and default."""
+    out = subprocess.run([sys.executable, "-m", "sapod", "--help"], capture_output=True, text=True, check=True).stdout
+    flat = " ".join(out.split())
+    for opt in OPTIONS:
+        assert opt.flag in out, opt.flag
+        assert f"env {opt.env};" in flat, opt.env

@@ -1,0 +1,107 @@
+"""Strict parsers for peer data: envelopes, identity, types, finite numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from sapod import schema
+from sapod.errors import Rejected
+from sapod.peers import PeerTable
+from sapod.store import atomic_write_json
+from sapod import paths
+
+
+def rollouts(node="w1", round_=0, stage=0, **over):
+    doc = schema.envelope(schema.ROLLOUTS, node, "i1", round_, stage, 1)
+    doc.update(model="m", items=[{"task": "basic_arithmetic", "seed": 1, "index": 0, "question": "q",
+                                  "answer": "a", "metadata": {}, "completions": ["x", "y"]}])
+    doc.update(over)
+    return doc
+
+
+def submission(node="w1", **over):
+    doc = schema.envelope(schema.REWARDS, node, "i1", 0, 0, 1)
+    doc.update(reward_mean=0.5, reward_sum=4.0, n_completions=8, n_local=2, n_external=2, external_from=["w2"],
+               cumulative_reward=1.5)
+    doc.update(over)
+    return doc
+
+
+def test_valid_rollouts_parse():
+    """A well-formed rollout file yields its items."""
+    r = schema.parse_rollouts(rollouts(), "w1", 0, 0)
+    assert r.items[0].completions == ("x", "y") and r.items[0].task == "basic_arithmetic"
+
+
+@pytest.mark.parametrize("over,reason", [
+    ({"schema": "sapod.rollouts/9"}, "schema"),
+    ({"node_id": "w2"}, "disagrees with the file name"),
+    ({"round": 5}, "disagree with the folder"),
+    ({"items": "nope"}, "wrong type"),
+    ({"items": [{"task": "t", "seed": 1, "index": 0, "question": "q", "answer": 3, "completions": ["a"]}]},
+     "bad answer"),
+    ({"items": [{"task": "t", "seed": -1, "index": 0, "question": "q", "answer": "a", "completions": ["a"]}]},
+     "out of range"),
+    ({"items": [{"task": "t", "seed": 1, "index": 0, "question": "q", "answer": "a", "completions": [1, 2]}]},
+     "not a string"),
+    ({"items": [{"task": "t", "seed": True, "index": 0, "question": "q", "answer": "a", "completions": ["a"]}]},
+     "wrong type"),
+])
+def test_bad_rollouts_rejected(over, reason):
+    """Wrong schema, identity, slot or types are rejected with a reason."""
+    with pytest.raises(Rejected, match=reason):
+        schema.parse_rollouts(rollouts(**over), "w1", 0, 0)
+
+
+def test_submission_parse_and_reject():
+    """Submissions parse; a non-finite or mistyped number is rejected."""
+    assert schema.parse_submission(submission(), "w1", 0, 0).n_external == 2
+    with pytest.raises(Rejected):
+        schema.parse_submission(submission(reward_mean="0.5"), "w1", 0, 0)
+    with pytest.raises(Rejected):
+        schema.parse_submission(submission(external_from=["../x"]), "w1", 0, 0)
+
+
+def test_state_round_trip():
+    """The state pointer written by state_doc parses back unchanged."""
+    s = schema.State(3, 0, 2, 9, "open", 1.5, "c", "inst")
+    assert schema.parse_state(schema.state_doc(s)) == s
+    bad = schema.state_doc(s) | {"status": "paused"}
+    with pytest.raises(Rejected, match="unknown status"):
+        schema.parse_state(bad)
+
+
+def peer_doc(node, beat, instance="i1", status="running", role="worker"):
+    doc = schema.envelope(schema.PEER, node, instance, 0, 0, 0)
+    doc.update(role=role, model="m", host="h", pid=1, version="0", started_at=0.0, beat=beat, phase="p",
+               status=status)
+    return doc
+
+
+def test_liveness_from_beat_counter_on_local_clock(tmp_path):
+    """A peer is dead once its beat has not changed for PEER_TIMEOUT on our clock, whatever its timestamps."""
+    now = [100.0]
+    table = PeerTable(tmp_path, timeout=10, clock=lambda: now[0])
+    atomic_write_json(paths.peer_file(tmp_path, "w1"), peer_doc("w1", 1))
+    atomic_write_json(paths.peer_file(tmp_path, "w2"), peer_doc("w2", 1, status="stopped"))
+    table.refresh()
+    assert table.live() == {"w1"}
+    now[0] = 109.0
+    table.refresh()
+    assert table.live() == {"w1"}
+    now[0] = 111.0
+    table.refresh()
+    assert table.live() == set()
+    atomic_write_json(paths.peer_file(tmp_path, "w1"), peer_doc("w1", 2))
+    table.refresh()
+    assert table.live() == {"w1"}
+
+
+def test_bad_peer_files_are_skipped(tmp_path):
+    """A torn or forged peer file is skipped, not fatal, and the others still count."""
+    atomic_write_json(paths.peer_file(tmp_path, "w1"), peer_doc("w1", 1))
+    paths.peer_file(tmp_path, "w2").write_text('{"schema": "sapod.peer/1", "node_')
+    atomic_write_json(paths.peer_file(tmp_path, "w3"), peer_doc("w4", 1))
+    table = PeerTable(tmp_path, timeout=10)
+    table.refresh()
+    assert table.live() == {"w1"}

@@ -1,0 +1,101 @@
+"""Paths, atomic publish and suspicious reads of the shared folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sapod import paths
+from sapod.errors import Rejected
+from sapod.store import atomic_write_json, list_node_files, read_json, valid_node_id
+
+
+def test_paths_follow_the_contract(tmp_path):
+    """Every path matches DESIGN.md section 3."""
+    root = paths.experiment_root(tmp_path, "exp")
+    assert root == tmp_path / "experiments" / "exp"
+    assert paths.state_file(root) == root / "state" / "current_state.json"
+    assert paths.peer_file(root, "w1") == root / "peers" / "w1.json"
+    assert paths.rollout_file(root, 3, 0, "w1") == root / "rollouts" / "round_3" / "stage_0" / "w1.json"
+    assert paths.reward_file(root, 3, 0, "w1") == root / "rewards" / "round_3" / "stage_0" / "w1.json"
+    assert paths.checkpoint_dir(root, 3, "w1") == root / "checkpoints" / "round_3" / "w1"
+    assert paths.metrics_file(root, "w1") == root / "logs" / "w1" / "metrics.jsonl"
+    assert paths.progress_file(root, "w1") == root / "progress_w1.jsonl"
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    """A publish leaves exactly the final file, whole."""
+    target = tmp_path / "a" / "w1.json"
+    atomic_write_json(target, {"x": 1})
+    atomic_write_json(target, {"x": 2})
+    assert os.listdir(target.parent) == ["w1.json"]
+    assert read_json(target) == {"x": 2}
+
+
+def test_atomic_write_refuses_nan(tmp_path):
+    """NaN never reaches the shared folder."""
+    with pytest.raises(ValueError):
+        atomic_write_json(tmp_path / "x.json", {"x": float("nan")})
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_file_is_not_there(tmp_path):
+    """A missing file reads as None, not an error."""
+    assert read_json(tmp_path / "nope.json") is None
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b'{"a": 1', "not valid JSON"),
+    (b"", "empty file"),
+    (b"[1, 2]", "expected a JSON object"),
+    (b'{"a": NaN}', "not valid JSON"),
+    (b'{"a": Infinity}', "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+])
+def test_bad_content_is_rejected_with_reason(tmp_path, content, reason):
+    """Torn, empty, non-object, non-finite or non-UTF-8 files are rejected with a reason."""
+    f = tmp_path / "w1.json"
+    f.write_bytes(content)
+    with pytest.raises(Rejected, match=reason):
+        read_json(f)
+
+
+def test_size_cap_checked_before_reading(tmp_path):
+    """A file over its cap is rejected without being parsed."""
+    f = tmp_path / "big.json"
+    f.write_bytes(b'{"a": "' + b"x" * 5000 + b'"}')
+    with pytest.raises(Rejected, match="too large"):
+        read_json(f, max_bytes=1000)
+
+
+def test_symlink_is_not_followed(tmp_path):
+    """A symlink pointing out of the folder is not read."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"x": 1}')
+    link = tmp_path / "peers" / "w1.json"
+    link.parent.mkdir()
+    link.symlink_to(secret)
+    with pytest.raises(Rejected):
+        read_json(link)
+    assert list_node_files(link.parent) == {}
+
+
+def test_listing_matches_names_strictly(tmp_path):
+    """Only exact {node_id}.json names count: conflict copies, temp and .nfs files are ignored."""
+    for name in ("w1.json", "w1 (1).json", ".w1.json.tmp-1-abc", ".nfs000123", "w2.json.tmp", "node.b.json",
+                 "-bad.json", "w3.JSON"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "dir.json").mkdir()
+    assert sorted(list_node_files(tmp_path)) == ["node.b", "w1"]
+    assert list_node_files(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("node_id,ok", [
+    ("w1", True), ("node-01.gpu_a", True), ("a" * 64, True), ("a" * 65, False), ("../x", False),
+    ("a/b", False), ("", False), (".hidden", False), ("w 1", False), ("x.json", False),
+])
+def test_node_id_rule(node_id, ok):
+    """node_id matches [A-Za-z0-9][A-Za-z0-9_.-]{0,63}."""
+    assert valid_node_id(node_id) is ok

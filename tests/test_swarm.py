@@ -1,0 +1,205 @@
+"""The protocol end to end, in one process, with the torch-free scripted policy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from conftest import read_rows, run_nodes
+from sapod import paths, schema
+from sapod.coordinator import Coordinator
+from sapod.errors import Displaced
+from sapod.state import StateReader
+from sapod.store import atomic_write_json, read_json
+from sapod.worker import Worker
+from sapod import get_experiment_progress
+
+
+def swarm(make_cfg, workers=2, **over):
+    nodes = [Coordinator(make_cfg("coordinator", "coord", **over))]
+    nodes += [Worker(make_cfg("worker", f"w{i + 1}", **over)) for i in range(workers)]
+    return nodes
+
+
+def test_rounds_complete_and_every_contract_file_is_there(make_cfg):
+    """Coordinator + 2 workers finish MAX_ROUNDS; each file follows the contract."""
+    nodes = swarm(make_cfg, max_rounds=4)
+    assert run_nodes(*nodes) == [None, None, None]
+    root = nodes[0].root
+    exp = read_json(paths.experiment_file(root))
+    assert exp["schema"] == schema.EXPERIMENT and exp["settings"]["max_rounds"] == 4
+    state = schema.parse_state(read_json(paths.state_file(root)))
+    assert (state.status, state.round, state.epoch) == ("finished", 3, 1)
+    for r in range(4):
+        for w in ("w1", "w2"):
+            ro = schema.parse_rollouts(read_json(paths.rollout_file(root, r, 0, w), 1 << 24), w, r, 0)
+            assert len(ro.items) == 2 and all(len(i.completions) == 4 for i in ro.items)
+            sub = schema.parse_submission(read_json(paths.reward_file(root, r, 0, w)), w, r, 0)
+            assert sub.n_local == 2 and sub.n_completions == 8
+    for w in ("w1", "w2"):
+        rows = read_rows(paths.metrics_file(root, w))
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        assert all(r["n_external"] <= 2 for r in rows)
+        assert rows[-1]["cumulative_reward"] == pytest.approx(sum(r["reward_mean"] for r in rows))
+        peer = schema.parse_peer(read_json(paths.peer_file(root, w)), w)
+        assert peer.status == "finished"
+        assert paths.complete_marker(paths.checkpoint_dir(root, 3, w)).is_file()
+        events = [e["phase"] for e in read_rows(paths.events_file(root, w))]
+        assert events[:3] == ["register", "await_stage", "generate"] and events[-1] == "finished"
+    progress = get_experiment_progress(root.parent.parent, "t")
+    assert progress["state"]["status"] == "finished"
+    assert progress["nodes"]["w1"]["rounds_completed"] == 4 and progress["nodes"]["w1"]["finished"]
+
+
+def test_sharing_uses_external_groups(make_cfg):
+    """With J=2 workers train on groups from each other; with J=0 on none."""
+    nodes = swarm(make_cfg, max_rounds=3)
+    run_nodes(*nodes)
+    rows = read_rows(paths.metrics_file(nodes[0].root, "w1"))
+    assert sum(r["n_external"] for r in rows) > 0
+    assert all(set(r["external_from"]) <= {"w2"} for r in rows)
+
+
+def test_plain_grpo_with_j_zero(make_cfg):
+    """J=0 is training alone: no gather wait, no external groups."""
+    nodes = swarm(make_cfg, max_rounds=2, num_transplant_trees=0)
+    run_nodes(*nodes)
+    rows = read_rows(paths.metrics_file(nodes[0].root, "w2"))
+    assert [r["n_external"] for r in rows] == [0, 0]
+
+
+def test_dead_worker_does_not_block_rounds(make_cfg):
+    """A registered worker whose heartbeat never moves is judged dead after PEER_TIMEOUT; rounds go on."""
+    nodes = swarm(make_cfg, workers=1, max_rounds=2)
+    root = nodes[0].root
+    ghost = schema.envelope(schema.PEER, "ghost", "g", 0, 0, 0)
+    ghost.update(role="worker", model="m", host="h", pid=1, version="0", started_at=0.0, beat=7, phase="train",
+                 status="running")
+    atomic_write_json(paths.peer_file(root, "ghost"), ghost)
+    t0 = time.monotonic()
+    assert run_nodes(*nodes, timeout=30) == [None, None]
+    # Round 0 waits for the ghost until PEER_TIMEOUT (2 s) passes on the coordinator's clock.
+    assert 1.5 < time.monotonic() - t0 < 15
+
+
+def test_round_timeout_advances_with_a_quorum(make_cfg):
+    """A live worker that never submits holds a round only until ROUND_TIMEOUT."""
+    nodes = swarm(make_cfg, workers=1, max_rounds=2, round_timeout=1.5)
+    root = nodes[0].root
+
+    async def stuck_peer():
+        beat = 0
+        while True:
+            beat += 1
+            doc = schema.envelope(schema.PEER, "stuck", "s", 0, 0, 0)
+            doc.update(role="worker", model="m", host="h", pid=1, version="0", started_at=0.0, beat=beat,
+                       phase="train", status="running")
+            atomic_write_json(paths.peer_file(root, "stuck"), doc)
+            await asyncio.sleep(0.1)
+
+    async def go():
+        hb = asyncio.create_task(stuck_peer())
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(n.run() for n in nodes)), 30)
+        finally:
+            hb.cancel()
+
+    t0 = time.monotonic()
+    asyncio.run(go())
+    elapsed = time.monotonic() - t0
+    assert 3.0 <= elapsed < 15  # two rounds, each held for ROUND_TIMEOUT
+    events = read_rows(paths.progress_file(root, "coord"))
+    done = [e for e in events if e["event"] == "round_complete"]
+    assert [e["timed_out"] for e in done] == [True, True] and done[0]["missing"] == ["stuck"]
+
+
+def test_restart_resumes_from_checkpoint(make_cfg):
+    """A stopped worker resumes its counters and policy from its checkpoint and joins the open round."""
+    first = swarm(make_cfg, workers=1, max_rounds=3, checkpoint_interval=1)
+    run_nodes(*first)
+    root = first[0].root
+    skill = json.loads((paths.checkpoint_dir(root, 2, "w1") / "scripted.json").read_text())["skill"]
+    second = swarm(make_cfg, workers=1, max_rounds=5, checkpoint_interval=1)
+    run_nodes(*second)
+    w = second[1]
+    assert w.rounds_done == 5 and w.last_round == 4
+    rows = read_rows(paths.metrics_file(root, "w1"))
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[3]["cumulative_reward"] == pytest.approx(sum(r["reward_mean"] for r in rows[:4]))
+    assert StateReader(root).read().epoch == 2
+    assert w.policy.skill >= skill
+
+
+def test_duplicate_node_id_is_displaced(make_cfg):
+    """Two daemons with one NODE_ID: the later one is displaced (exit 4); the first keeps going."""
+    coord = Coordinator(make_cfg("coordinator", "coord", max_rounds=1000))
+    a = Worker(make_cfg("worker", "w1", max_rounds=1000))
+    b = Worker(make_cfg("worker", "w1", max_rounds=1000))
+    b.started_at = a.started_at + 1
+
+    async def go():
+        ta = asyncio.create_task(a.run())
+        tc = asyncio.create_task(coord.run())
+        await asyncio.sleep(0.5)
+        tb = asyncio.create_task(b.run())
+        with pytest.raises(Displaced):
+            await asyncio.wait_for(tb, 10)
+        assert not ta.done()
+        a.stop.set()
+        coord.stop.set()
+        await asyncio.wait_for(asyncio.gather(ta, tc), 10)
+
+    asyncio.run(go())
+
+
+def test_newer_coordinator_displaces_older(make_cfg):
+    """A second coordinator takes the next epoch; the first steps down with Displaced."""
+    old = Coordinator(make_cfg("coordinator", "c1", max_rounds=1000))
+    new = Coordinator(make_cfg("coordinator", "c2", max_rounds=1000))
+    w = Worker(make_cfg("worker", "w1", max_rounds=1000))
+
+    async def go():
+        to = asyncio.create_task(old.run())
+        tw = asyncio.create_task(w.run())
+        await asyncio.sleep(0.5)
+        tn = asyncio.create_task(new.run())
+        with pytest.raises(Displaced):
+            await asyncio.wait_for(to, 10)
+        assert StateReader(new.root).read().epoch == 2
+        new.stop.set()
+        w.stop.set()
+        await asyncio.wait_for(asyncio.gather(tn, tw), 10)
+
+    asyncio.run(go())
+
+
+def test_reader_never_goes_backwards(tmp_path):
+    """A state with a lower (epoch, seq) than one already seen is ignored."""
+    f = paths.state_file(tmp_path)
+    atomic_write_json(f, schema.state_doc(schema.State(5, 0, 2, 10, "open", 0.0, "c", "i")))
+    reader = StateReader(tmp_path)
+    assert reader.read().round == 5
+    atomic_write_json(f, schema.state_doc(schema.State(3, 0, 1, 40, "open", 0.0, "c", "i")))
+    assert reader.read().round == 5
+    atomic_write_json(f, schema.state_doc(schema.State(6, 0, 2, 11, "open", 0.0, "c", "i")))
+    assert reader.read().round == 6
+
+
+def test_bad_peer_rollouts_do_not_stop_training(make_cfg):
+    """Garbage, forged and misnamed peer rollouts are rejected and counted; the worker trains on."""
+    nodes = swarm(make_cfg, workers=1, max_rounds=1)
+    root = nodes[0].root
+    folder = paths.rollouts_dir(root, 0, 0)
+    folder.mkdir(parents=True)
+    (folder / "evil.json").write_text('{"schema": "sapod.rollouts/1", "node_id": "ev')
+    forged = schema.envelope(schema.ROLLOUTS, "forger", "f", 0, 0, 1)
+    forged.update(model="m", items=[{"task": "basic_arithmetic", "seed": 1, "index": 0, "question": "1+1=?",
+                                     "answer": "2", "metadata": {}, "completions": ["<answer>2</answer>", "x"]}])
+    atomic_write_json(folder / "forger.json", forged)
+    (folder / "forger (1).json").write_text("{}")
+    assert run_nodes(*nodes) == [None, None]
+    row = read_rows(paths.metrics_file(root, "w1"))[0]
+    assert row["rejected_invalid"] == 2 and row["n_external"] == 0
