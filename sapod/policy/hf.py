@@ -1,0 +1,313 @@
+"""A Policy over any transformers causal LM (hub id or local directory), trained with GRPO.
+
+torch and transformers are imported here only: this module is imported by workers alone.
+
+Departures from textbook GRPO beyond those listed in ``sapod.grpo``:
+
+1. One gradient step per round on freshly generated data (mu = 1), so
+   ``old_logp = logp.detach()``: the ratio is exactly 1, clipping never fires and the
+   update is the plain token-level policy gradient. Completions shared by other nodes were
+   sampled by *their* models, yet are trained on as if on-policy, with no importance
+   correction (SAPO's choice).
+2. Completions arrive as text and are re-tokenized with this node's tokenizer, truncated to
+   ``max_new_tokens``. No eos is appended, so the model gets no gradient on when to stop,
+   and the tokens trained on may differ from the ones sampled.
+3. Groups whose rewards are all equal are dropped before the forward pass; they would add
+   zero gradient but would count in the token normaliser.
+4. Sampling uses temperature/top_p and disables the checkpoint's top_k (and a repetition
+   penalty, if any); log-probs for training are taken at temperature 1.
+5. With ``beta > 0`` the reference model is a frozen copy of the weights loaded at
+   construction (the base model); ``load`` does not replace it.
+6. A step whose gradient norm is not finite is not applied (gradients are dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sapod.advantages import group_advantages, has_signal
+from sapod.errors import ConfigError, ModelLoadError
+from sapod.grpo import CLIP_HIGH, CLIP_LOW, LossStats, completion_logprobs, token_loss
+from sapod.prompts import format_prompt
+from sapod.types import Generation, Group, TaskItem
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _load_error(name: str, exc: Exception) -> ModelLoadError:
+    if not Path(name).exists() and _HUB_ID.fullmatch(name) and isinstance(exc, OSError):
+        # transformers turns offline mode, no network and unknown repos all into OSError
+        return ModelLoadError(
+            f"cannot load model {name!r}: not a local directory, and the Hugging Face hub is "
+            "offline, unreachable or has no such model; use MODEL_NAME=sapod:tiny or a local "
+            f"model directory ({_one_line(exc)[:200]})"
+        )
+    return ModelLoadError(f"cannot load model {name!r}: {type(exc).__name__}: {_one_line(exc)[:300]}")
+
+
+class HFPolicy:
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        system_prompt: str,
+        max_new_tokens: int = 256,
+        learning_rate: float = 1e-6,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        clip_low: float = CLIP_LOW,
+        clip_high: float = CLIP_HIGH,
+        beta: float = 0.0,
+        max_grad_norm: float = 1.0,
+        micro_batch_size: int = 8,
+        device: str | None = None,
+        name: str | None = None,
+    ):
+        if max_new_tokens < 1 or micro_batch_size < 1 or temperature <= 0 or not 0 < top_p <= 1:
+            raise ConfigError(
+                "need max_new_tokens >= 1, micro_batch_size >= 1, temperature > 0, 0 < top_p <= 1"
+            )
+        self.name = name or model_name_or_path
+        self.system_prompt = system_prompt
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.clip_low, self.clip_high, self.beta = clip_low, clip_high, beta
+        self.max_grad_norm = max_grad_norm
+        self.micro_batch_size = micro_batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            # fp32 master weights for Adam; transformers 5 would otherwise load the checkpoint dtype
+            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+        except Exception as exc:
+            raise _load_error(model_name_or_path, exc) from exc
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ModelLoadError(
+                    f"cannot load model {model_name_or_path!r}: tokenizer has neither pad nor eos token"
+                )
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"  # generation appends to the right end of every row
+        tok.truncation_side = "left"  # keep the end of an over-long prompt, next to the answer
+        self.model.to(self.device).eval()
+
+        cfg = self.model.config
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self._max_prompt = max_pos - max_new_tokens if max_pos else None
+        if self._max_prompt is not None and self._max_prompt < 1:
+            raise ConfigError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt ({max_pos} positions)"
+            )
+        # chat templates carry their own BOS; tokenizing them with special tokens would double it
+        self._add_special = not getattr(tok, "chat_template", None)
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self._eos_ids = sorted({i for i in [*eos, tok.eos_token_id] if i is not None})
+        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
+        self._ref = None
+        if beta > 0:
+            self._ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _prompt_kwargs(self) -> dict:
+        kw = {"add_special_tokens": self._add_special}
+        if self._max_prompt is not None:
+            kw.update(truncation=True, max_length=self._max_prompt)
+        return kw
+
+    def _prompt(self, question: str) -> str:
+        return format_prompt(self.tokenizer, question, self.system_prompt)
+
+    def _lengths(self, new: torch.Tensor) -> torch.Tensor:
+        """Generated tokens per row: up to and including the first eos, else the non-pad ones."""
+        is_eos = torch.isin(new, torch.tensor(self._eos_ids, device=new.device))
+        first = is_eos.int().argmax(dim=1)
+        non_pad = (new != self.tokenizer.pad_token_id).sum(dim=1)
+        return torch.where(is_eos.any(dim=1), first + 1, non_pad)
+
+    # -- Policy --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, items: Sequence[TaskItem], num_generations: int, seed: int) -> Generation:
+        if not items or num_generations < 1:
+            return Generation(completions=[[] for _ in items], tokens=0)
+        prompts = [self._prompt(item.question) for item in items]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **self._prompt_kwargs())
+        enc = enc.to(self.device)
+        self.model.eval()
+        # Global seeding is acceptable: every node of a process runs generate on one dedicated
+        # executor thread, so nothing else draws from the RNG between seeding and sampling.
+        torch.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        with self._autocast():
+            out = self.model.generate(
+                **enc,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=0,
+                repetition_penalty=1.0,
+                max_new_tokens=self.max_new_tokens,
+                num_return_sequences=num_generations,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self._eos_ids,
+            )
+        new = out[:, enc["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        g = num_generations
+        completions = [texts[i * g : (i + 1) * g] for i in range(len(items))]
+        return Generation(completions=completions, tokens=int(self._lengths(new).sum()))
+
+    def train_step(self, groups: Sequence[Group]) -> dict[str, float]:
+        seqs: list[tuple[list[int], list[int], float]] = []  # prompt ids, completion ids, advantage
+        used = 0
+        for group in groups:
+            if len(group.completions) != len(group.rewards):
+                raise ValueError("group has a different number of completions and rewards")
+            if not has_signal(group.rewards):
+                continue
+            used += 1
+            prompt_text = self._prompt(group.item.question)
+            prompt = self.tokenizer(prompt_text, **self._prompt_kwargs())["input_ids"]
+            for text, adv in zip(group.completions, group_advantages(group.rewards)):
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_new_tokens]
+                if ids:
+                    seqs.append((prompt, ids, adv))
+        total = sum(len(c) for _, c, _ in seqs)
+        if total == 0:
+            return {"loss": 0.0, "grad_norm": 0.0, "tokens": 0, "clip_frac": 0.0, "groups": used}
+
+        # similar lengths share a micro-batch: less padding
+        seqs.sort(key=lambda s: len(s[0]) + len(s[1]))
+        stats, loss_sum = LossStats(), 0.0
+        self.model.train()
+        try:
+            for start in range(0, len(seqs), self.micro_batch_size):
+                # every micro-batch divides by the step's token count, so summed gradients
+                # equal those of one big batch
+                loss, st = self._micro_batch_loss(seqs[start : start + self.micro_batch_size], total)
+                loss.backward()
+                loss_sum += float(loss.detach())
+                stats = stats + st
+            params = self.model.parameters()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            self.model.eval()
+        out = {
+            "loss": loss_sum,
+            "grad_norm": grad_norm,
+            "tokens": total,
+            "clip_frac": stats.clip_frac,
+            "groups": used,
+        }
+        if self.beta > 0:
+            out["kl"] = stats.kl
+        return out
+
+    def _micro_batch_loss(self, batch, normalizer: int) -> tuple[torch.Tensor, LossStats]:
+        # Prompts left-padded, completions right-padded: every completion starts at column P,
+        # so the logits we need are one contiguous block of C positions.
+        p_len = max(len(p) for p, _, _ in batch)
+        c_len = max(len(c) for _, c, _ in batch)
+        rows = len(batch)
+        ids = torch.full((rows, p_len + c_len), self.tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        mask = torch.zeros(rows, c_len)
+        for r, (p, c, _) in enumerate(batch):
+            ids[r, p_len - len(p) : p_len] = torch.tensor(p)
+            ids[r, p_len : p_len + len(c)] = torch.tensor(c)
+            attn[r, p_len - len(p) : p_len + len(c)] = 1
+            mask[r, : len(c)] = 1
+        ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
+        targets = ids[:, p_len:]
+        adv = torch.tensor([a for _, _, a in batch], device=self.device)
+
+        logp = self._logprobs(self.model, ids, attn, targets, mask, c_len)
+        ref = None
+        if self._ref is not None:
+            with torch.no_grad():
+                ref = self._logprobs(self._ref, ids, attn, targets, mask, c_len)
+        return token_loss(
+            logp, logp.detach(), adv, mask, self.clip_low, self.clip_high,
+            beta=self.beta, ref_logp=ref, normalizer=normalizer,
+        )
+
+    def _logprobs(self, model, ids, attn, targets, mask, c_len: int) -> torch.Tensor:
+        inputs, attn_in = ids[:, :-1], attn[:, :-1]  # the last column predicts nothing we train on
+        # positions as generate assigns them under left padding
+        pos = (attn_in.cumsum(-1) - 1).clamp(min=0)
+        kw = {"logits_to_keep": c_len} if self._keep_arg else {}
+        with self._autocast():
+            logits = model(input_ids=inputs, attention_mask=attn_in, position_ids=pos, **kw).logits
+        return completion_logprobs(logits[:, -c_len:], targets, mask)
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        """Weights from the directory's safetensors; optimizer state if optimizer.pt exists."""
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(directory / f))  # cpu; load_state_dict copies onto the device
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # save_pretrained drops tied copies (GPT-2's lm_head.weight); those share storage
+        # with a loaded tensor and are therefore restored too
+        current = self.model.state_dict()
+        loaded = {current[k].data_ptr() for k in state if k in current}
+        bad = [k for k in missing if current[k].data_ptr() not in loaded] + list(unexpected)
+        if bad:
+            raise ModelLoadError(
+                f"checkpoint {directory} does not match the model: {', '.join(bad[:5])}"
+            )
+        opt = directory / "optimizer.pt"
+        if opt.exists():
+            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device, weights_only=True))
+
+    def weights_fingerprint(self) -> str:
+        """sha256 over parameter names and bytes, in module order."""
+        h = hashlib.sha256()
+        for name, p in self.model.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,191 @@
+"""HFPolicy on a tiny random GPT-2 and a freshly trained byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from sapod.errors import ModelLoadError  # noqa: E402
+from sapod.policy.hf import HFPolicy  # noqa: E402
+from sapod.types import Group, TaskItem  # noqa: E402
+
+EOS = "<|endoftext|>"
+SYSTEM = "Answer with a number."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [f"{SYSTEM}\n\nQuestion: what is {a} plus {b}?\nAnswer: {a + b}" for a in range(20) for b in range(20)]
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS)  # no pad: the policy must add one
+    eos = tok.convert_tokens_to_ids(EOS)
+    cfg = GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, n_positions=256, vocab_size=len(tok),
+        bos_token_id=eos, eos_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_policy(path, **kw):
+    kw.setdefault("max_new_tokens", 12)
+    kw.setdefault("learning_rate", 1e-3)
+    return HFPolicy(str(path), system_prompt=SYSTEM, device="cpu", **kw)
+
+
+def item(i: int, question: str | None = None) -> TaskItem:
+    return TaskItem("add", 0, i, question or f"what is {i} plus {i}?", str(2 * i))
+
+
+def group(i: int, rewards: list[float]) -> Group:
+    completions = [f" {2 * i}", f" {2 * i + 1} maybe, not sure", " no idea at all"][: len(rewards)]
+    return Group(item=item(i), completions=completions, rewards=rewards, source="peer")
+
+
+@pytest.fixture
+def policy(model_dir):
+    return make_policy(model_dir)
+
+
+def test_loads_local_directory_and_sets_pad_and_left_padding(policy, model_dir):
+    """A local model dir loads; the missing pad token becomes eos; name defaults to the path."""
+    assert policy.name == str(model_dir)
+    assert policy.tokenizer.pad_token == EOS and policy.tokenizer.padding_side == "left"
+    assert make_policy(model_dir, name="tiny").name == "tiny"
+
+
+def test_generate_shapes_tokens_and_seed_reproducibility(policy):
+    """generate returns items x G strings, a positive token count, and the same output for the same seed."""
+    items = [item(1), item(2)]
+    gen = policy.generate(items, num_generations=3, seed=7)
+    assert len(gen.completions) == 2 and all(len(c) == 3 for c in gen.completions)
+    assert all(isinstance(s, str) for c in gen.completions for s in c)
+    assert 0 < gen.tokens <= 2 * 3 * 12
+    again = policy.generate(items, num_generations=3, seed=7)
+    assert again.completions == gen.completions and again.tokens == gen.tokens
+
+
+def test_generate_truncates_overlong_prompts(policy):
+    """A prompt longer than n_positions - max_new_tokens is cut from the left and still generates."""
+    long_q = "what is 1 plus 2? " * 200
+    gen = policy.generate([item(0, long_q)], num_generations=2, seed=0)
+    assert len(gen.completions[0]) == 2 and gen.tokens > 0
+
+
+def test_train_step_with_reward_variance_updates_weights(policy):
+    """Groups with reward variance change the weights and report finite loss and grad norm."""
+    before = policy.weights_fingerprint()
+    stats = policy.train_step([group(1, [1.0, 0.0, 0.0]), group(2, [0.0, 1.0, 0.5])])
+    assert set(stats) >= {"loss", "grad_norm", "tokens", "clip_frac", "groups"}
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert stats["tokens"] > 0 and stats["groups"] == 2 and stats["clip_frac"] == 0.0
+    assert policy.weights_fingerprint() != before
+
+
+def test_train_on_own_generations_after_generate(policy):
+    """Training right after inference-mode generation works on the policy's own sampled text."""
+    gen = policy.generate([item(1), item(2)], num_generations=3, seed=3)
+    groups = [Group(item(i + 1), c, [1.0, 0.0, 0.5], "self") for i, c in enumerate(gen.completions)]
+    stats = policy.train_step(groups)
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    assert stats["tokens"] <= 2 * 3 * 12
+
+
+def test_train_step_on_flat_rewards_changes_nothing(policy):
+    """Groups whose rewards are all equal are skipped: no step, no optimizer state, zero stats."""
+    before = policy.weights_fingerprint()
+    stats = policy.train_step([group(1, [1.0, 1.0, 1.0]), group(2, [0.0, 0.0, 0.0])])
+    assert stats["loss"] == 0.0 and stats["grad_norm"] == 0.0 and stats["tokens"] == 0
+    assert stats["groups"] == 0
+    assert policy.weights_fingerprint() == before and not policy.optimizer.state
+
+
+def test_flat_groups_are_skipped_next_to_informative_ones(policy):
+    """Only groups with signal count, and the token count covers only their completions."""
+    only = make_policy(policy.name).train_step([group(1, [1.0, 0.0, 0.0])])
+    mixed = policy.train_step([group(1, [1.0, 0.0, 0.0]), group(2, [0.5, 0.5, 0.5])])
+    assert mixed["groups"] == 1 and mixed["tokens"] == only["tokens"]
+    assert mixed["loss"] == pytest.approx(only["loss"], abs=1e-6)
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(model_dir):
+    """micro_batch_size=1 and =8 give the same loss and gradient norm (token-weighted accumulation)."""
+    groups = [group(1, [1.0, 0.0, 0.0]), group(3, [0.0, 1.0, 1.0])]
+    one = make_policy(model_dir, micro_batch_size=1).train_step(groups)
+    big = make_policy(model_dir, micro_batch_size=8).train_step(groups)
+    assert one["tokens"] == big["tokens"]
+    assert one["loss"] == pytest.approx(big["loss"], abs=1e-5)
+    assert one["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-4)
+
+
+def test_save_then_load_restores_weights_and_optimizer(policy, model_dir, tmp_path):
+    """save writes a from_pretrained-loadable dir; a fresh policy's load restores weights and Adam state."""
+    policy.train_step([group(1, [1.0, 0.0, 0.0])])
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    policy.save(ckpt)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, policy.model.state_dict()[k]), k
+
+    fresh = make_policy(model_dir)
+    assert fresh.weights_fingerprint() != policy.weights_fingerprint()
+    fresh.load(ckpt)
+    assert fresh.weights_fingerprint() == policy.weights_fingerprint()
+    mine, theirs = policy.model.state_dict(), fresh.model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # the tie survives loading: lm_head still is the embedding
+    assert fresh.model.lm_head.weight.data_ptr() == fresh.model.transformer.wte.weight.data_ptr()
+    a, b = policy.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for name, value in a["state"][i].items():
+            assert torch.equal(value, b["state"][i][name]), (i, name)
+    # identical state => identical next step
+    nxt = [group(2, [0.0, 1.0, 0.0])]
+    policy.train_step(nxt)
+    fresh.train_step(nxt)
+    assert fresh.weights_fingerprint() == policy.weights_fingerprint()
+
+
+def test_beta_adds_kl_against_frozen_reference(model_dir):
+    """With beta > 0 a frozen reference is kept; the first step reports kl 0 and later steps kl > 0."""
+    pol = make_policy(model_dir, beta=0.1)
+    first = pol.train_step([group(1, [1.0, 0.0, 0.0])])
+    second = pol.train_step([group(1, [1.0, 0.0, 0.0])])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6) and second["kl"] > 0
+
+
+def test_unknown_hub_id_offline_raises_model_load_error(monkeypatch):
+    """A hub id that cannot be fetched raises ModelLoadError pointing to MODEL_NAME=sapod:tiny."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError) as err:
+        HFPolicy("sapod-test/definitely-not-a-model", system_prompt=SYSTEM, device="cpu")
+    msg = str(err.value)
+    assert "sapod:tiny" in msg and "\n" not in msg and "hub" in msg
+
+
+def test_missing_local_directory_is_a_plain_load_error(tmp_path):
+    """A path that does not exist fails with ModelLoadError naming it, without the hub hint."""
+    missing = tmp_path / "nope" / "model"
+    with pytest.raises(ModelLoadError, match="nope"):
+        HFPolicy(str(missing), system_prompt=SYSTEM, device="cpu")
