@@ -1,0 +1,99 @@
+"""The command line around a node: check, demo, logging context across the GPU thread."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+
+import structlog
+
+from sapod import paths, schema
+from sapod.cli import main
+from sapod.executor import run_on_gpu
+from sapod.logs import configure_logging, get_logger
+from sapod.store import atomic_write_json
+
+
+def write_peer(root, node, beat, status="running"):
+    doc = schema.envelope(schema.PEER, node, "inst", 3, 0, 0)
+    doc.update(role="worker", model="m", host="h", pid=1, version="0", started_at=0.0, beat=beat, phase="train",
+               status=status)
+    atomic_write_json(paths.peer_file(root, node), doc)
+
+
+def check_args(tmp_path, node="w1"):
+    return ["check", "--shared", str(tmp_path), "--experiment", "e", "--node-id", node, "--heartbeat-interval", "0.3"]
+
+
+def test_check_healthy_when_beat_moves(tmp_path, capsys):
+    """`sapod check` exits 0 when the node's beat counter changes within two heartbeats."""
+    root = paths.experiment_root(tmp_path, "e")
+    write_peer(root, "w1", 1)
+    stop = threading.Event()
+
+    def beat():
+        n = 1
+        while not stop.is_set():
+            n += 1
+            write_peer(root, "w1", n)
+            time.sleep(0.1)
+
+    t = threading.Thread(target=beat)
+    t.start()
+    try:
+        assert main(check_args(tmp_path)) == 0
+    finally:
+        stop.set()
+        t.join()
+    assert capsys.readouterr().out.startswith("healthy: w1: alive")
+
+
+def test_check_unhealthy_when_beat_stands_still(tmp_path, capsys):
+    """`sapod check` exits 1 for a frozen heartbeat, a stopped node and a missing node."""
+    root = paths.experiment_root(tmp_path, "e")
+    write_peer(root, "w1", 5)
+    assert main(check_args(tmp_path)) == 1
+    assert "has not moved" in capsys.readouterr().out
+    write_peer(root, "w2", 5, status="stopped")
+    assert main(check_args(tmp_path, "w2")) == 1
+    assert "stopped" in capsys.readouterr().out
+    assert main(check_args(tmp_path, "w3")) == 1
+    assert "no heartbeat file" in capsys.readouterr().out
+
+
+def test_gpu_thread_lines_carry_the_node_context():
+    """A line logged on the GPU thread carries node, round and stage bound on the loop."""
+    out = io.StringIO()
+    out.isatty = lambda: False
+    configure_logging("json", "info", stream=out)
+
+    def on_gpu():
+        get_logger().info("from_gpu", thread=threading.current_thread().name)
+
+    async def go():
+        structlog.contextvars.bind_contextvars(node="w9", role="worker", round=4, stage=0)
+        await run_on_gpu(on_gpu)
+
+    try:
+        asyncio.run(go())
+    finally:
+        configure_logging("json", "warning")
+    line = json.loads(out.getvalue().splitlines()[-1])
+    assert line["event"] == "from_gpu" and line["thread"].startswith("sapod-gpu")
+    assert (line["node"], line["role"], line["round"], line["stage"]) == ("w9", "worker", 4, 0)
+
+
+def test_demo_with_scripted_policy(tmp_path, capsys):
+    """`sapod demo` runs a coordinator and workers, prints each round and a summary table."""
+    code = main(["demo", "--model", "sapod:scripted", "--workers", "3", "--rounds", "3", "--shared", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("round ")] == ["1/3", "2/3", "3/3"]
+    table = [line.split() for line in out.splitlines() if line.startswith("worker-")]
+    assert [row[0] for row in table] == ["worker-1", "worker-2", "worker-3"]
+    assert all(row[1] == "3" for row in table)
+    assert "files under" in out
+    assert (paths.experiment_root(tmp_path, "demo") / "experiment.json").is_file()
