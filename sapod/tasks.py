@@ -119,7 +119,7 @@ def _check_ints(seed: Any, index: Any, max_index: int) -> None:
         raise Rejected(f"index out of range 0..{max_index}")
 
 
-def _default_system_prompt() -> str:
+def default_system_prompt() -> str:
     from reasoning_gym.utils import SYSTEM_PROMPTS
 
     return SYSTEM_PROMPTS["default"]
@@ -179,7 +179,7 @@ class ReasoningGymSource:
                 raise ValueError(f"reasoning-gym task {t} cannot be built with defaults: {msg}") from None
         self.tasks = names
         self.name = "reasoning_gym:" + ",".join(names)
-        self.system_prompt = _default_system_prompt()
+        self.system_prompt = default_system_prompt()
 
     def _item(self, task: str, seed: int, index: int) -> TaskItem:
         e = _rg_entry(task, seed, index)
@@ -264,7 +264,7 @@ class FileSource:
         if not self._rows:
             raise ValueError(f"task file {path} has no row with a question")
         self.name = f"file:{path.name}"
-        self.system_prompt = _default_system_prompt()
+        self.system_prompt = default_system_prompt()
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -31,7 +31,7 @@ from sapod.sampling import round_seed, select_external
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import atomic_write_json, read_json
-from sapod.tasks import make_task_source
+from sapod.tasks import default_system_prompt, jsonable, make_task_source
 from sapod.types import Group
 
 T = TypeVar("T")
@@ -56,14 +56,22 @@ class Worker(Node):
 
     async def main(self) -> None:
         await self.set_phase("register")
-        await self._adopt_settings()
-        self.tasks = make_task_source(self.cfg.tasks)
         try:
-            self.policy = await run_on_gpu(load_policy, self.cfg, self.tasks.system_prompt)
+            # The model first: a name that cannot load should fail at once, not after
+            # waiting for a coordinator.
+            self.policy = await run_on_gpu(load_policy, self.cfg, default_system_prompt())
         except StartupError:
             raise
         except Exception as exc:  # a model that cannot load is a failed start, not a crash
             raise StartupError(f"cannot load model {self.cfg.model!r}: {exc}") from exc
+        try:
+            await self._adopt_settings()
+        except Stopping:
+            return
+        try:
+            self.tasks = make_task_source(self.cfg.tasks)
+        except ValueError as exc:
+            raise StartupError(f"TASKS={self.cfg.tasks!r}: {exc}") from None
         await self._resume()
         self.reader = StateReader(self.root)
         self.table = PeerTable(self.root, self.cfg.peer_timeout)
@@ -165,8 +173,6 @@ class Worker(Node):
         self._check_stop()
 
         await self.set_phase("publish", tokens=gen.tokens, seconds=round(t_generate, 3))
-        from sapod.tasks import jsonable
-
         doc = schema.envelope(schema.ROLLOUTS, self.node_id, self.instance, r, s, state.epoch)
         doc["model"] = cfg.model
         doc["items"] = [{"task": it.task, "seed": it.seed, "index": it.index, "question": it.question,

@@ -8,7 +8,15 @@ import pytest
 from sapod.config import Config, build_config
 from sapod.logs import configure_logging
 
-configure_logging("json", "warning")
+
+
+@pytest.fixture(autouse=True)
+def _logging_to_this_tests_stdout():
+    """Each test logs to its own captured stdout (a CLI test may have pointed it elsewhere)."""
+    import sys
+
+    configure_logging("json", "warning", stream=sys.stdout)
+    yield
 
 FAST = {"heartbeat_interval": "0.2", "peer_timeout": "2", "poll_interval": "0.1", "gather_timeout": "5",
         "round_timeout": "30", "stop_timeout": "5", "model": "sapod:scripted", "log_level": "warning"}

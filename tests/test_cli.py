@@ -97,3 +97,20 @@ def test_demo_with_scripted_policy(tmp_path, capsys):
     assert all(row[1] == "3" for row in table)
     assert "files under" in out
     assert (paths.experiment_root(tmp_path, "demo") / "experiment.json").is_file()
+
+
+def test_unusable_shared_folder_exits_3(tmp_path, capsys):
+    """A shared folder that does not exist (drive not mounted) is a failed start: exit 3."""
+    code = main(["--role", "worker", "--shared", str(tmp_path / "not-mounted"), "--model", "sapod:scripted",
+                 "--log-format", "json"])
+    assert code == 3
+    assert "not a folder" in capsys.readouterr().out
+
+
+def test_unknown_model_exits_3(tmp_path, capsys):
+    """A model that cannot load is a failed start (exit 3) that names the model, before any waiting."""
+    code = main(["--role", "worker", "--shared", str(tmp_path), "--model", "sapod:huge", "--log-format", "json"])
+    assert code == 3
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    failed = [x for x in lines if x["event"] == "startup_failed"]
+    assert failed and "sapod:huge" in failed[0]["reason"]
