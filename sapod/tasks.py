@@ -11,6 +11,7 @@ Torch-free; reasoning_gym and datasets are imported lazily because each costs ab
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import difflib
@@ -19,6 +20,7 @@ import io
 import json
 import math
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -147,6 +149,34 @@ def _rg_entry(task: str, seed: int, index: int) -> dict[str, Any]:
     return entry
 
 
+@functools.lru_cache(maxsize=512)
+def _verifier_evals(cls: type) -> bool:
+    """True when a dataset's score_answer calls eval() on the answer it is given.
+
+    Some reasoning-gym verifiers (binary_matrix, spiral_matrix, n_queens, ...) eval the
+    answer text to parse a Python list. Answers come from peers' completions, so such
+    a verifier must never see anything but a plain literal.
+    """
+    import inspect
+
+    try:
+        src = inspect.getsource(cls.score_answer)
+    except (OSError, TypeError):
+        return True  # unknown: assume the worst
+    return re.search(r"(?<![\w.])eval\(", src) is not None
+
+
+def _safe_for_eval(answer: str, gold: Any) -> str | None:
+    """The answer in a form that eval() cannot abuse, or None when it is not a literal."""
+    if answer == gold:
+        return answer
+    try:
+        value = ast.literal_eval(answer)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return repr(value)  # eval(repr(literal)) rebuilds the literal and nothing else
+
+
 def _answer_text(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -225,6 +255,10 @@ class ReasoningGymSource:
             if answer is None:
                 return 0.0
             ds = _rg_dataset(item.task, item.seed, _dataset_size(item.index))
+            if _verifier_evals(type(ds)):
+                answer = _safe_for_eval(answer, entry.get("answer"))
+                if answer is None:
+                    return 0.0
             return _clamp_reward(ds.score_answer(answer, entry))
         except Exception:
             return 0.0

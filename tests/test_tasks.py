@@ -354,3 +354,18 @@ def test_check_only_ever_raises_rejected(src, task, seed, index, question, answe
         assert isinstance(e.reason, str) and e.reason
     else:
         assert (item.question, item.answer) == (question, answer)
+
+
+def test_verifiers_that_eval_never_see_code(tmp_path):
+    """A peer's answer is never executed by a verifier that evals (binary_matrix); literals still score."""
+    from sapod.tasks import make_task_source
+
+    src = make_task_source("binary_matrix")
+    item = src.sample(1, 5)[0]
+    marker = tmp_path / "pwned"
+    attack = f"<answer>__import__('pathlib').Path({str(marker)!r}).write_text('x')</answer>"
+    assert src.score(item, attack) == 0.0
+    assert not marker.exists()
+    assert src.score(item, f"<answer>{item.answer}</answer>") == 1.0
+    as_list = repr([[int(x) for x in row.split()] for row in item.answer.splitlines()])
+    assert src.score(item, f"<answer>{as_list}</answer>") == 0.1  # the verifier's partial credit for a list
