@@ -69,21 +69,26 @@ def demo_main(argv: list[str]) -> int:
 
 
 def _prepare_tiny(cfg: Config) -> None:
+    """Build (once) and cache sapod:tiny, showing progress: a bar on a terminal, stages otherwise."""
     from sapod.policy.tiny import ensure_tiny
 
-    last = [-1]
+    tty = sys.stdout.isatty()
+    shown: dict[str, int] = {}
 
     def progress(stage: str, fraction: float) -> None:
         pct = int(fraction * 100)
-        if pct // 10 != last[0] // 10 or pct == 100:
-            last[0] = pct
-            sys.stdout.write(f"\rbuilding sapod:tiny: {stage:<12} {pct:3d}%")
+        if tty:
+            bar = "#" * (pct // 5)
+            sys.stdout.write(f"\rbuilding sapod:tiny: {stage:<10} [{bar:<20}] {pct:3d}%")
             sys.stdout.flush()
+        elif pct // 25 > shown.get(stage, -1):
+            shown[stage] = pct // 25
+            _out(f"building sapod:tiny: {stage} {pct}%")
 
     t0 = time.monotonic()
     where = ensure_tiny(cfg.cache_dir, progress=progress)
-    if last[0] >= 0:
-        _out(f"\rbuilt sapod:tiny in {time.monotonic() - t0:.1f}s at {where}" + " " * 10)
+    if shown or tty and time.monotonic() - t0 > 1:
+        _out(("\r" if tty else "") + f"built sapod:tiny in {time.monotonic() - t0:.1f}s at {where}" + " " * 20)
 
 
 async def _run_swarm(base: Config, n_workers: int) -> int:
