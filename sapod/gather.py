@@ -1,4 +1,4 @@
-"""Reading, checking and scoring the rollouts other nodes published for a round.
+"""Rollout files: writing this node's, reading, checking and scoring its peers'.
 
 Everything here is peer data: a file that is bad is rejected with a reason and
 counted, never allowed to raise out. Items are regenerated from their provenance
@@ -14,10 +14,10 @@ from pathlib import Path
 from sapod import paths
 from sapod.errors import Rejected
 from sapod.logs import get_logger
-from sapod.schema import Rollouts, parse_rollouts
+from sapod.schema import ROLLOUTS, Rollouts, envelope, parse_rollouts
 from sapod.store import ROLLOUT_FILE_MAX, list_node_files, read_json
-from sapod.tasks import TaskSource
-from sapod.types import Group
+from sapod.tasks import TaskSource, jsonable
+from sapod.types import Group, TaskItem
 
 
 @dataclass
@@ -65,3 +65,32 @@ def score_external(result: GatherResult, tasks: TaskSource, max_completions: int
             rewards = [tasks.score(item, c) for c in completions]
             groups.append(Group(item=item, completions=completions, rewards=rewards, source=node_id))
     return groups
+
+
+def rollouts_doc(node_id: str, instance: str, round_: int, stage: int, epoch: int, model: str,
+                 items: list[TaskItem], completions: list[list[str]]) -> dict:
+    doc = envelope(ROLLOUTS, node_id, instance, round_, stage, epoch)
+    doc["model"] = model
+    doc["items"] = [{"task": it.task, "seed": it.seed, "index": it.index, "question": it.question,
+                     "answer": it.answer, "metadata": jsonable(it.metadata), "completions": list(comps)}
+                    for it, comps in zip(items, completions)]
+    return doc
+
+
+def own_rollouts(root: Path, round_: int, stage: int, node_id: str,
+                 tasks: TaskSource) -> tuple[list[TaskItem], list[list[str]]] | None:
+    """What an earlier instance of this node published for the round, if it did.
+
+    A node that restarts mid-round republishes nothing: peers may already have read
+    the file, and write-once means the round keeps the content they saw.
+    """
+    try:
+        doc = read_json(paths.rollout_file(root, round_, stage, node_id), ROLLOUT_FILE_MAX)
+        if doc is None:
+            return None
+        rollouts = parse_rollouts(doc, node_id, round_, stage)
+        items = [tasks.check(c.task, c.seed, c.index, c.question, c.answer) for c in rollouts.items]
+    except Rejected as exc:
+        get_logger().warning("own_rollouts_unusable", reason=exc.reason)
+        return None
+    return items, [list(c.completions) for c in rollouts.items]

@@ -22,7 +22,7 @@ from sapod import paths, schema
 from sapod.checkpoint import latest_checkpoint, read_counters, save_checkpoint
 from sapod.errors import Rejected, StartupError
 from sapod.executor import run_on_gpu
-from sapod.gather import GatherResult, read_peer_rollouts, score_external
+from sapod.gather import GatherResult, own_rollouts, read_peer_rollouts, rollouts_doc, score_external
 from sapod.logs import append_jsonl
 from sapod.node import Node, io
 from sapod.peers import PeerTable
@@ -31,7 +31,7 @@ from sapod.sampling import round_seed, select_external
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import atomic_write_json, read_json
-from sapod.tasks import default_system_prompt, jsonable, make_task_source
+from sapod.tasks import default_system_prompt, make_task_source
 from sapod.types import Group
 
 T = TypeVar("T")
@@ -165,27 +165,31 @@ class Worker(Node):
             return
         t_round = time.monotonic()
         await self.set_phase("generate")
-        items = self.tasks.sample(cfg.num_train_samples, round_seed(cfg.seed, self.node_id, r, "questions"))
         t0 = time.monotonic()
-        gen = await self._gpu(self.policy.generate, items, cfg.num_generations,
-                              round_seed(cfg.seed, self.node_id, r, "generate"))
+        tokens = 0
+        earlier = await io(own_rollouts, self.root, r, s, self.node_id, self.tasks)
+        if earlier is not None:
+            items, completions = earlier
+            self.log.info("reusing_published_rollouts", round=r)
+        else:
+            items = self.tasks.sample(cfg.num_train_samples, round_seed(cfg.seed, self.node_id, r, "questions"))
+            gen = await self._gpu(self.policy.generate, items, cfg.num_generations,
+                                  round_seed(cfg.seed, self.node_id, r, "generate"))
+            completions, tokens = gen.completions, gen.tokens
         t_generate = time.monotonic() - t0
         self._check_stop()
 
-        await self.set_phase("publish", tokens=gen.tokens, seconds=round(t_generate, 3))
-        doc = schema.envelope(schema.ROLLOUTS, self.node_id, self.instance, r, s, state.epoch)
-        doc["model"] = cfg.model
-        doc["items"] = [{"task": it.task, "seed": it.seed, "index": it.index, "question": it.question,
-                         "answer": it.answer, "metadata": jsonable(it.metadata), "completions": comps}
-                        for it, comps in zip(items, gen.completions)]
-        await io(atomic_write_json, paths.rollout_file(self.root, r, s, self.node_id), doc)
+        if earlier is None:
+            await self.set_phase("publish", tokens=tokens, seconds=round(t_generate, 3))
+            doc = rollouts_doc(self.node_id, self.instance, r, s, state.epoch, cfg.model, items, completions)
+            await io(atomic_write_json, paths.rollout_file(self.root, r, s, self.node_id), doc)
 
         await self.set_phase("gather")
         t0 = time.monotonic()
         result = await self._gather(r, s)
         t_gather = time.monotonic() - t0
         local = [Group(it, comps, await io(self._score, it, comps), self.node_id)
-                 for it, comps in zip(items, gen.completions)]
+                 for it, comps in zip(items, completions)]
         external_all = await io(score_external, result, self.tasks, 4 * max(cfg.num_generations, 8))
         external, dropped = select_external(external_all, cfg.num_transplant_trees,
                                             random.Random(round_seed(cfg.seed, self.node_id, r, "external")))
@@ -225,7 +229,7 @@ class Worker(Node):
             "external_available": len(external_all), "dropped_zero_advantage": dropped,
             "rejected_invalid": result.invalid_items + len(result.rejected), "submitted": not closed,
             "loss": stats.get("loss", 0.0), "grad_norm": stats.get("grad_norm", 0.0),
-            "tokens_generated": gen.tokens, "tokens_trained": stats.get("tokens", 0),
+            "tokens_generated": tokens, "tokens_trained": stats.get("tokens", 0),
             "t_generate": t_generate, "t_gather": t_gather, "t_train": t_train, "t_checkpoint": t_ckpt,
             "t_round": time.monotonic() - t_round,
         }

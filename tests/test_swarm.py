@@ -203,3 +203,20 @@ def test_bad_peer_rollouts_do_not_stop_training(make_cfg):
     assert run_nodes(*nodes) == [None, None]
     row = read_rows(paths.metrics_file(root, "w1"))[0]
     assert row["rejected_invalid"] == 2 and row["n_external"] == 0
+
+
+def test_restarted_worker_keeps_what_it_published(make_cfg):
+    """A node that restarts mid-round reuses its published rollouts instead of rewriting them."""
+    from sapod.gather import rollouts_doc
+    from sapod.tasks import make_task_source
+
+    nodes = swarm(make_cfg, workers=1, max_rounds=1)
+    root = nodes[0].root
+    items = make_task_source("").sample(2, 7)
+    completions = [["<answer>x</answer>", "<answer>y</answer>", "z", "w"] for _ in items]
+    earlier = rollouts_doc("w1", "earlier-instance", 0, 0, 1, "sapod:scripted", items, completions)
+    atomic_write_json(paths.rollout_file(root, 0, 0, "w1"), earlier)
+    assert run_nodes(*nodes) == [None, None]
+    assert read_json(paths.rollout_file(root, 0, 0, "w1"), 1 << 24)["instance"] == "earlier-instance"
+    row = read_rows(paths.metrics_file(root, "w1"))[0]
+    assert row["tokens_generated"] == 0 and row["n_local"] == 2
