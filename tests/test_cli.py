@@ -114,3 +114,44 @@ def test_unknown_model_exits_3(tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     failed = [x for x in lines if x["event"] == "startup_failed"]
     assert failed and "sapod:huge" in failed[0]["reason"]
+
+
+def test_second_signal_exits_at_once(make_cfg, monkeypatch):
+    """The first SIGTERM asks for a graceful stop; a second one while stopping exits at once with 1."""
+    import os
+    import signal
+
+    from sapod import daemon
+
+    exits = []
+    monkeypatch.setattr(daemon.os, "_exit", exits.append)
+    cfg = make_cfg("coordinator", "c1", max_rounds=5)
+
+    async def go():
+        task = asyncio.ensure_future(daemon.serve(cfg))
+        await asyncio.sleep(0.5)  # the coordinator is waiting for workers
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(task, 10)
+
+    code = asyncio.run(go())
+    assert exits == [daemon.EXIT_CRASH]
+    assert code == 0  # with os._exit patched out, the graceful path completes
+
+
+def test_prompt_uses_chat_template_when_the_tokenizer_has_one():
+    """format_prompt applies a tokenizer's chat template, and a plain template otherwise."""
+    from sapod.prompts import format_prompt
+
+    class Plain:
+        chat_template = None
+
+    class Chat:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert not tokenize and add_generation_prompt
+            return "|".join(f"{m['role']}:{m['content']}" for m in messages) + "|assistant:"
+
+    assert format_prompt(Plain(), "2+2?", "SYS") == "SYS\n\nQuestion: 2+2?\nAnswer:"
+    assert format_prompt(Chat(), "2+2?", "SYS") == "system:SYS|user:2+2?|assistant:"
