@@ -121,6 +121,25 @@ def _check_ints(seed: Any, index: Any, max_index: int) -> None:
         raise Rejected(f"index out of range 0..{max_index}")
 
 
+@contextlib.contextmanager
+def _only_rejections() -> Any:
+    """A check of peer data raises Rejected and nothing else."""
+    try:
+        yield
+    except Rejected:
+        raise
+    except Exception as e:
+        raise Rejected(f"check failed: {type(e).__name__}") from None
+
+
+def _same_claim(item: TaskItem, question: Any, answer: Any, source: str) -> TaskItem:
+    if item.question != question:
+        raise Rejected(f"question differs from {source}")
+    if item.answer != answer:
+        raise Rejected(f"answer differs from {source}")
+    return item
+
+
 def default_system_prompt() -> str:
     from reasoning_gym.utils import SYSTEM_PROMPTS
 
@@ -224,7 +243,7 @@ class ReasoningGymSource:
         return [self._item(rng.choice(self.tasks), ds_seed, i) for i in range(n)]
 
     def check(self, task: str, seed: int, index: int, question: str, answer: str | None) -> TaskItem:
-        try:
+        with _only_rejections():
             if not isinstance(task, str) or task not in self.tasks:
                 raise Rejected(f"unknown task {str(task)[:80]!r}")
             _check_ints(seed, index, MAX_INDEX)
@@ -234,15 +253,7 @@ class ReasoningGymSource:
                 item = self._item(task, seed, index)
             except Exception as e:
                 raise Rejected(f"regeneration failed: {type(e).__name__}") from None
-            if item.question != question:
-                raise Rejected("question differs from the regenerated one")
-            if item.answer != answer:
-                raise Rejected("answer differs from the regenerated one")
-            return item
-        except Rejected:
-            raise
-        except Exception as e:
-            raise Rejected(f"check failed: {type(e).__name__}") from None
+            return _same_claim(item, question, answer, "the regenerated one")
 
     def score(self, item: TaskItem, completion: str) -> float:
         try:
@@ -317,22 +328,13 @@ class FileSource:
         return [self._item(i) for i in idx]
 
     def check(self, task: str, seed: int, index: int, question: str, answer: str | None) -> TaskItem:
-        try:
+        with _only_rejections():
             if not isinstance(task, str) or task != self.name:
                 raise Rejected(f"unknown task {str(task)[:80]!r}")
             _check_ints(seed, index, len(self._rows) - 1)
             if seed != 0:
                 raise Rejected("file tasks have seed 0")
-            item = self._item(index)
-            if item.question != question:
-                raise Rejected("question differs from the file's row")
-            if item.answer != answer:
-                raise Rejected("answer differs from the file's row")
-            return item
-        except Rejected:
-            raise
-        except Exception as e:
-            raise Rejected(f"check failed: {type(e).__name__}") from None
+            return _same_claim(self._item(index), question, answer, "the file's row")
 
     def score(self, item: TaskItem, completion: str) -> float:
         try:
