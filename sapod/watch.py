@@ -21,12 +21,12 @@ NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "9p", "afs", "ceph"
               "davfs", "sshfs", "virtiofs")
 
 
-def mount_fstype(path: Path) -> str:
-    """The filesystem type of the mount that holds ``path`` (from /proc/self/mounts)."""
+def mount_fstype(path: Path, mounts: str = "/proc/self/mounts") -> str:
+    """The filesystem type of the mount that holds ``path`` (longest matching mount point)."""
     try:
         target = os.path.realpath(path)
         best, fstype = "", "unknown"
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+        with open(mounts, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 parts = line.split()
                 if len(parts) < 3:
@@ -39,11 +39,11 @@ def mount_fstype(path: Path) -> str:
         return "unknown"
 
 
-def pick_watch_mode(requested: str, shared: Path) -> tuple[str, str]:
+def pick_watch_mode(requested: str, shared: Path, mounts: str = "/proc/self/mounts") -> tuple[str, str]:
     """(mode, reason). ``auto`` polls on network and FUSE mounts, where inotify is blind."""
     if requested != "auto":
         return requested, "requested"
-    fstype = mount_fstype(shared)
+    fstype = mount_fstype(shared, mounts)
     if fstype.startswith("fuse") or fstype in NETWORK_FS:
         return "poll", f"{fstype} mount"
     try:

@@ -244,7 +244,7 @@ class Worker(Node):
 
     def _round_closed(self, r: int) -> bool:
         state = self.reader.read()
-        return state is not None and (state.round > r or state.status == "finished" and state.round != r)
+        return state is not None and state.round > r
 
     async def _gather(self, r: int, s: int) -> GatherResult:
         """Wait until every live peer's rollouts are here, or GATHER_TIMEOUT."""

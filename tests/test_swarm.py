@@ -220,3 +220,50 @@ def test_restarted_worker_keeps_what_it_published(make_cfg):
     assert read_json(paths.rollout_file(root, 0, 0, "w1"), 1 << 24)["instance"] == "earlier-instance"
     row = read_rows(paths.metrics_file(root, "w1"))[0]
     assert row["tokens_generated"] == 0 and row["n_local"] == 2
+
+
+def test_late_joiner_starts_at_the_open_round(make_cfg):
+    """A worker that joins late trains from the round open when it arrives, never a closed one."""
+    coord = Coordinator(make_cfg("coordinator", "coord", max_rounds=6))
+    w1 = Worker(make_cfg("worker", "w1"))
+    w2 = Worker(make_cfg("worker", "w2"))
+    root = coord.root
+
+    async def go():
+        tasks = [asyncio.create_task(coord.run()), asyncio.create_task(w1.run())]
+        while not paths.metrics_file(root, "w1").exists() or len(read_rows(paths.metrics_file(root, "w1"))) < 2:
+            await asyncio.sleep(0.05)
+        tasks.append(asyncio.create_task(w2.run()))
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+    asyncio.run(go())
+    first = read_rows(paths.metrics_file(root, "w2"))[0]["round"]
+    assert first >= 2
+    assert [r["round"] for r in read_rows(paths.metrics_file(root, "w1"))] == list(range(6))
+
+
+def test_workers_adopt_the_recorded_settings(make_cfg):
+    """I, J and G recorded by the coordinator in experiment.json are the swarm's, whatever a worker was given."""
+    coord = Coordinator(make_cfg("coordinator", "coord", max_rounds=1, num_train_samples=3, num_generations=5))
+    w = Worker(make_cfg("worker", "w1", num_train_samples=1, num_generations=2))
+    run_nodes(coord, w)
+    row = read_rows(paths.metrics_file(coord.root, "w1"))[0]
+    assert row["n_local"] == 3 and len(row["rewards"]) == 15
+
+
+def test_coordinator_never_imports_torch(tmp_path):
+    """A coordinator run through the CLI entry point loads neither torch, transformers nor reasoning-gym."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import signal, sys, threading, os
+        from sapod.cli import main
+        threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        code = main(["--role", "coordinator", "--shared", {str(tmp_path)!r}, "--log-format", "json"])
+        bad = [m for m in ("torch", "transformers", "reasoning_gym") if m in sys.modules]
+        assert code == 0 and not bad, (code, bad)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
+    assert (tmp_path / "experiments" / "sapod" / "state" / "current_state.json").is_file()

@@ -1,0 +1,59 @@
+"""Choosing how to watch the shared folder, and the inotify bridge onto the loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sapod.watch import Watcher, mount_fstype, pick_watch_mode
+
+MOUNTS = """/dev/vda1 / ext4 rw 0 0
+drive /content/drive fuse.drive rw 0 0
+server:/export /mnt/nfs nfs4 rw 0 0
+bucket /mnt/gcs fuse.gcsfuse rw 0 0
+tmpfs /mnt/nfs/local tmpfs rw 0 0
+"""
+
+
+def test_auto_polls_on_network_and_fuse_mounts(tmp_path):
+    """WATCH_MODE=auto picks poll on Drive/gcsfuse (FUSE) and NFS, inotify on a local disk."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS)
+    m = str(mounts)
+    assert pick_watch_mode("auto", "/content/drive/MyDrive/rl-swarm", m) == ("poll", "fuse.drive mount")
+    assert pick_watch_mode("auto", "/mnt/gcs/x", m)[0] == "poll"
+    assert pick_watch_mode("auto", "/mnt/nfs/shared", m) == ("poll", "nfs4 mount")
+    assert pick_watch_mode("auto", "/mnt/nfs/local/x", m)[0] == "inotify"  # the longest mount point wins
+    assert pick_watch_mode("auto", "/home/user/swarm", m) == ("inotify", "ext4 mount")
+    assert pick_watch_mode("poll", "/home/user/swarm", m) == ("poll", "requested")
+    assert mount_fstype("/x", str(tmp_path / "missing")) == "unknown"
+
+
+def test_inotify_event_wakes_the_loop(tmp_path):
+    """A file written in a watched folder wakes a waiter long before its timeout."""
+
+    async def go():
+        w = Watcher("inotify", asyncio.get_running_loop())
+        try:
+            w.watch([tmp_path / "a"])
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.2, (tmp_path / "a" / "x.json").write_text, "{}")
+            t0 = loop.time()
+            woke = await w.wait(10)
+            return woke, loop.time() - t0
+        finally:
+            w.close()
+
+    woke, took = asyncio.run(go())
+    assert woke and took < 5
+
+
+def test_poll_mode_only_times_out(tmp_path):
+    """In poll mode nothing is watched; the wait returns at the rescan interval."""
+
+    async def go():
+        w = Watcher("poll", asyncio.get_running_loop())
+        w.watch([tmp_path])
+        (tmp_path / "x.json").write_text("{}")
+        return await w.wait(0.2)
+
+    assert asyncio.run(go()) is False
