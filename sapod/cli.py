@@ -10,12 +10,18 @@ from sapod import __version__
 from sapod.config import add_arguments, build_config
 from sapod.errors import ConfigError
 
-COMMANDS = ("run", "demo", "check")
+COMMANDS = ("run", "demo", "check", "status", "report", "doctor")
+# Commands that live in their own module: name -> (module, function taking argv, returning an exit code).
+EXTERNAL = {"demo": ("sapod.demo", "demo_main"), "status": ("sapod.status", "status_main"),
+            "report": ("sapod.report", "report_main"), "doctor": ("sapod.doctor", "doctor_main")}
 
 EPILOG = """commands:
   sapod [run] --role worker|coordinator ...   run one node (the default command)
   sapod demo [--workers N] [--rounds R]        a coordinator and N workers on a temporary folder
   sapod check --node-id ID                     exit 0 if that node's heartbeat is moving, 1 if not
+  sapod status [--watch] [--json]              one row per node: round, phase, liveness, reward, ETA
+  sapod report EXPERIMENT... [--out DIR]       reward plots and a comparison table (needs sapod[plot])
+  sapod doctor --shared PATH                   check a folder before a swarm uses it
 
 exit codes: 0 finished or stopped cleanly, 1 crash, 2 bad usage or config,
 3 failed to start, 4 displaced (NODE_ID taken or a newer coordinator took over)"""
@@ -53,10 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     try:
-        if command == "demo":
-            from sapod.demo import demo_main
+        if command in EXTERNAL:
+            import importlib
 
-            return demo_main(argv)
+            module, function = EXTERNAL[command]
+            return getattr(importlib.import_module(module), function)(argv)
         if command == "check":
             return _check(argv)
         return _run(argv)

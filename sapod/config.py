@@ -111,7 +111,21 @@ OPTIONS: tuple[Option, ...] = (
            check=lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
     Option("cache_dir", "SAPOD_CACHE", None, "where sapod:tiny is built and cached; default ~/.cache/sapod",
            kind=Path, allowed="a folder path"),
+    Option("rollout_cleanup_enabled", "ROLLOUT_CLEANUP_ENABLED", False,
+           "coordinator removes rollouts/rewards of old rounds", kind=_bool, allowed="true or false"),
+    Option("rollout_keep_last_n_rounds", "ROLLOUT_KEEP_LAST_N_ROUNDS", 10, "rounds kept when cleanup is on",
+           kind=int, allowed="an integer >= 2", check=lambda v: v >= 2),
+    Option("rollout_archive_old", "ROLLOUT_ARCHIVE_OLD", False,
+           "pack old rounds into archives/ (one .tar.gz per round) before removing them", kind=_bool,
+           allowed="true or false"),
+    Option("log_to_shared", "LOG_TO_SHARED", True, "copy stdout/stderr to logs/{node}/stdout.log and stderr.log",
+           kind=_bool, allowed="true or false"),
+    Option("log_file_max_mb", "LOG_FILE_MAX_MB", 10.0, "size cap of each shared log file (one older copy kept)",
+           kind=float, allowed="a number > 0", check=lambda v: v > 0),
 )
+
+# Facts the service manager puts in the environment; no flags.
+ENV_FACTS = {"notify_socket": "NOTIFY_SOCKET", "watchdog_usec": "WATCHDOG_USEC"}
 
 BY_FIELD = {o.field: o for o in OPTIONS}
 
@@ -147,6 +161,13 @@ class Config:
     tasks: str
     device: str
     cache_dir: Path
+    rollout_cleanup_enabled: bool
+    rollout_keep_last_n_rounds: int
+    rollout_archive_old: bool
+    log_to_shared: bool
+    log_file_max_mb: float
+    notify_socket: str | None = None  # systemd Type=notify
+    watchdog_usec: int = 0  # systemd WatchdogSec, in microseconds
 
     @property
     def root(self) -> Path:
@@ -173,6 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
             continue
         default = defaults.get(opt.field, opt.default)
         shown = "required" if default is None and opt.field == "shared" else default
+        if isinstance(shown, bool):
+            shown = str(shown).lower()
         if opt.field == "node_id" and default is None:
             shown = "{host}-{role}"
         parser.add_argument(opt.flag, dest=opt.field, default=None, metavar=opt.env,
@@ -216,7 +239,12 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
             f"PEER_TIMEOUT={values['peer_timeout']} is not allowed: must exceed twice "
             f"HEARTBEAT_INTERVAL={values['heartbeat_interval']}")
     values["shared"] = Path(values["shared"]).expanduser()
+    values["notify_socket"] = environ.get(ENV_FACTS["notify_socket"]) or None
+    try:
+        values["watchdog_usec"] = int(environ.get(ENV_FACTS["watchdog_usec"], "0") or 0)
+    except ValueError:
+        values["watchdog_usec"] = 0  # set by systemd; a garbled value just turns the watchdog off
     return Config(**values)
 
 
-assert {f.name for f in fields(Config)} == set(BY_FIELD), "OPTIONS and Config disagree"
+assert {f.name for f in fields(Config)} == set(BY_FIELD) | set(ENV_FACTS), "OPTIONS and Config disagree"
