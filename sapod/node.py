@@ -23,6 +23,7 @@ from sapod import __version__, paths, schema
 from sapod.config import Config
 from sapod.errors import Displaced, Rejected, StartupError
 from sapod.logs import append_jsonl, get_logger
+from sapod.sdnotify import Notifier
 from sapod.store import atomic_write_json, read_json
 from sapod.watch import Watcher, pick_watch_mode
 
@@ -54,6 +55,8 @@ class Node:
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_lock = asyncio.Lock()
         self._displaced: Displaced | None = None
+        self.notifier = Notifier(cfg.notify_socket)
+        self._wd_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
@@ -61,6 +64,9 @@ class Node:
         try:
             await self.startup()
             self._hb_task = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.node_id}")
+            if self.cfg.watchdog_usec > 0:
+                self._wd_task = asyncio.create_task(self._watchdog_loop(), name=f"watchdog-{self.node_id}")
+            self.notifier.ready(self._status_text())
             await self.main()
             self.check_displaced()
         except Exception as exc:
@@ -92,10 +98,13 @@ class Node:
         raise NotImplementedError
 
     async def shutdown(self) -> None:
-        if self._hb_task is not None:
-            self._hb_task.cancel()
+        self.notifier.stopping()
+        for task in (self._hb_task, self._wd_task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._hb_task
+                await task
             except (asyncio.CancelledError, Displaced):
                 pass
         if self.watcher is not None:
@@ -108,6 +117,18 @@ class Node:
             except (OSError, Displaced):
                 pass
         self.log.info("node_stopped", status=self.status, round=self.round)
+        self.notifier.close()
+
+    async def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a wedged loop stops the pings and systemd restarts us."""
+        interval = self.cfg.watchdog_usec / 2e6
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _status_text(self) -> str:
+        where = f"round {self.round}" if self.round >= 0 else "no round yet"
+        return f"{self.role} {self.node_id}: {self.phase}, {where}"
 
     # -- heartbeat --------------------------------------------------------------
     def _peer_doc(self) -> dict[str, Any]:
@@ -168,6 +189,7 @@ class Node:
         """One canonical line and one training event per state transition."""
         previous, self.phase = self.phase, phase
         self.log.info("phase", phase=phase, previous=previous, **fields)
+        self.notifier.status(self._status_text())
         await append_jsonl(paths.events_file(self.root, self.node_id), {
             "ts": time.time(), "node_id": self.node_id, "instance": self.instance, "round": self.round,
             "phase": phase, "previous": previous, **fields})
