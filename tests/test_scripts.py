@@ -1,0 +1,58 @@
+"""The helper scripts users run: a tmux swarm on one box."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+def test_tmux_swarm_runs_to_the_end(tmp_path):
+    """tmux-swarm.sh starts a coordinator and N workers in windows; they finish and log to files."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    session = f"sapod-test-{os.getpid()}"
+    env = {**os.environ, "GDRIVE_PATH": str(shared), "MODEL_NAME": "sapod:scripted", "MAX_ROUNDS": "3",
+           "HEARTBEAT_INTERVAL": "0.3", "POLL_INTERVAL": "0.2", "EXPERIMENT_NAME": "tm",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    subprocess.run([str(SCRIPTS / "tmux-swarm.sh"), "-n", "2", "-s", session, "-l", str(tmp_path / "logs")],
+                   env=env, check=True, capture_output=True)
+    state = shared / "experiments" / "tm" / "state" / "current_state.json"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if state.exists() and json.loads(state.read_text())["status"] == "finished":
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the tmux swarm did not finish")
+        windows = subprocess.run(["tmux", "list-windows", "-t", session, "-F", "#{window_name}"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        assert windows == ["coordinator", "w1", "w2"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "node_stopped" not in (tmp_path / "logs" / "w2.log").read_text():
+            time.sleep(0.2)
+        for node in ("coordinator", "w1", "w2"):
+            lines = (tmp_path / "logs" / f"{node}.log").read_text().splitlines()
+            assert json.loads(lines[-1])["event"] == "node_stopped"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_tmux_swarm_refuses_bad_input(tmp_path):
+    """Without GDRIVE_PATH, or with a bad -n, the script stops with a message."""
+    env = {k: v for k, v in os.environ.items() if k != "GDRIVE_PATH"}
+    res = subprocess.run([str(SCRIPTS / "tmux-swarm.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "GDRIVE_PATH" in res.stderr
+    res = subprocess.run([str(SCRIPTS / "tmux-swarm.sh"), "-n", "x"], env={**env, "GDRIVE_PATH": str(tmp_path)},
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "-n must be" in res.stderr
