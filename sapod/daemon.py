@@ -75,10 +75,18 @@ async def serve(cfg: Config) -> int:
 
 
 def run_node(cfg: Config) -> int:
-    configure_logging(cfg.log_format, cfg.log_level)
-    code = run_loop(serve(cfg))
+    from sapod import paths
     from sapod.executor import busy
+    from sapod.sharedlog import capture_to_shared, release
 
+    # Only into a shared folder that is there: never create one under an unmounted mount point.
+    shared_logs = (capture_to_shared(paths.logs_dir(cfg.root, cfg.node_id), int(cfg.log_file_max_mb * 2**20))
+                   if cfg.log_to_shared and cfg.shared.is_dir() else [])
+    try:
+        configure_logging(cfg.log_format, cfg.log_level)
+        code = run_loop(serve(cfg))
+    finally:
+        release(shared_logs)
     if busy():
         # The GPU thread is stuck past STOP_TIMEOUT; the interpreter would wait for it.
         sys.stdout.flush()
