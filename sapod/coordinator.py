@@ -15,6 +15,7 @@ import structlog
 
 from sapod import PROTOCOL, paths, schema
 from sapod.errors import Displaced, Rejected
+from sapod.housekeeping import tidy_for
 from sapod.node import Node, io
 from sapod.peers import PeerTable
 from sapod.schema import State, Submission, parse_submission
@@ -128,4 +129,8 @@ class Coordinator(Node):
         await io(atomic_write_json, paths.state_file(self.root), schema.state_doc(new))
         self.reader.current = new
         self._accepted, self._rejected = {}, {}
+        if new.status == "open":
+            tidied = await io(tidy_for, self.cfg, new.round)
+            if tidied and (tidied["rounds_removed"] or tidied["errors"]):
+                self.log.info("rounds_tidied", **tidied)
         return new

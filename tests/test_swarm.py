@@ -267,3 +267,21 @@ def test_coordinator_never_imports_torch(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=60)
     assert (tmp_path / "experiments" / "sapod" / "state" / "current_state.json").is_file()
+
+
+def test_coordinator_tidies_old_rounds(make_cfg):
+    """With cleanup on, the coordinator keeps the last N rounds and archives the rest, one file per round."""
+    import tarfile
+
+    nodes = swarm(make_cfg, max_rounds=6, rollout_cleanup_enabled="true", rollout_keep_last_n_rounds=3,
+                  rollout_archive_old="true")
+    assert run_nodes(*nodes) == [None, None, None]
+    root = nodes[0].root
+    assert sorted(p.name for p in (root / "rollouts").iterdir()) == ["round_3", "round_4", "round_5"]
+    assert sorted(p.name for p in (root / "rewards").iterdir()) == ["round_3", "round_4", "round_5"]
+    archives = paths.archives_dir(root.parent.parent) / "t"
+    assert sorted(p.name for p in archives.iterdir()) == ["round_0.tar.gz", "round_1.tar.gz", "round_2.tar.gz"]
+    with tarfile.open(archives / "round_1.tar.gz") as tar:
+        assert "rollouts/round_1/stage_0/w2.json" in tar.getnames()
+    rows = read_rows(paths.metrics_file(root, "w1"))
+    assert [r["round"] for r in rows] == list(range(6))
