@@ -121,6 +121,8 @@ class _RoundReporter:
         self.cfg, self.workers = cfg, workers
         self.reader = StateReader(cfg.root)
         self.reported, self.t_last = -1, time.monotonic()
+        self.t0 = self.t_last
+        self.tty = sys.stdout.isatty()
 
     def report(self) -> None:
         state = self.reader.read()
@@ -133,9 +135,22 @@ class _RoundReporter:
             cells = "  ".join(f"{w} {rewards[w][0]:.3f} ({rewards[w][1]} ext)" if w in rewards else f"{w} -"
                               for w in self.workers)
             now = time.monotonic()
-            _out(f"round {self.reported + 1}/{self.cfg.max_rounds} done in {now - self.t_last:5.1f}s   "
+            clear = "\r" + " " * 72 + "\r" if self.tty else ""
+            _out(f"{clear}round {self.reported + 1}/{self.cfg.max_rounds} done in {now - self.t_last:5.1f}s   "
                  f"reward: {cells}")
             self.t_last = now
+        if self.tty and self.reported + 1 < self.cfg.max_rounds:
+            self._bar(state.round)
+
+    def _bar(self, open_round: int) -> None:
+        done, total = self.reported + 1, self.cfg.max_rounds
+        width = 30
+        filled = width * done // total
+        elapsed = time.monotonic() - self.t0
+        eta = f"ETA {elapsed / done * (total - done):4.0f}s" if done else "ETA    ?"
+        sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} rounds  {eta}  "
+                         f"(round {open_round + 1} running)")
+        sys.stdout.flush()
 
     async def run(self) -> None:
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 
 from sapod.config import Config
@@ -14,8 +16,23 @@ TINY = "sapod:tiny"
 EMBEDDED = (SCRIPTED, TINY)
 
 
+def log_progress(what: str) -> Callable[[str, float], None]:
+    """A progress callback that logs each stage at 0, 25, 50, 75 and 100 %."""
+    log, shown = get_logger(), {}
+
+    def progress(stage: str, fraction: float) -> None:
+        quarter = int(fraction * 4)
+        if shown.get(stage, -1) < quarter:
+            shown[stage] = quarter
+            log.info(what, stage=stage, percent=quarter * 25)
+
+    return progress
+
+
 def load_policy(cfg: Config, system_prompt: str,
                 progress: Callable[[str, float], None] | None = None) -> Policy:
+    """The policy MODEL_NAME names; slow steps (building sapod:tiny, loading) are logged as they go."""
+    t0 = time.monotonic()
     if cfg.model == SCRIPTED:
         from sapod.policy.scripted import ScriptedPolicy
 
@@ -27,19 +44,22 @@ def load_policy(cfg: Config, system_prompt: str,
 
     from sapod.policy.hf import HFPolicy
 
-    # Progress bars would interleave with the JSON log lines.
-    transformers.utils.logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        # Download and loading bars are for a person at a terminal; in a log they are noise.
+        transformers.utils.logging.disable_progress_bar()
     path = cfg.model
     if cfg.model == TINY:
         from sapod.policy.tiny import ensure_tiny
 
         try:
-            path = str(ensure_tiny(cfg.cache_dir, progress=progress))
+            path = str(ensure_tiny(cfg.cache_dir, progress=progress or log_progress("building_tiny")))
         except OSError as exc:
             raise ModelLoadError(f"cannot build sapod:tiny in {cfg.cache_dir}: {exc}") from None
+    get_logger().info("model_loading", model=cfg.model, path=path)
     policy = HFPolicy(path, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,
                       learning_rate=cfg.learning_rate, temperature=cfg.temperature,
                       device=None if cfg.device == "auto" else cfg.device, name=cfg.model)
     get_logger().info("model_loaded", model=cfg.model, path=path, device=str(policy.device),
-                      parameters=sum(p.numel() for p in policy.model.parameters()))
+                      parameters=sum(p.numel() for p in policy.model.parameters()),
+                      seconds=round(time.monotonic() - t0, 2))
     return policy
