@@ -68,3 +68,10 @@ def test_help_lists_every_option_with_variable_and_default():
     for opt in OPTIONS:
         assert opt.flag in out, opt.flag
         assert f"env {opt.env};" in flat, opt.env
+
+
+def test_readme_documents_every_option():
+    """The README's configuration table has a row for every option, with its flag."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for opt in OPTIONS:
+        assert f"| `{opt.env}` | `{opt.flag}` |" in readme, opt.env
