@@ -25,6 +25,7 @@ from typing import Any
 
 from sapod import paths
 from sapod.logs import get_logger
+from sapod.store import fsync_dir
 
 ROUND_RE = re.compile(r"^round_(\d+)$")
 TREES = ("rollouts", "rewards")  # the per-round folders of DESIGN.md section 3 that we own
@@ -137,7 +138,7 @@ def _pack(target: Path, root: Path, round_: int, folders: dict[str, Path]) -> in
         except OSError:
             pass
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return size
 
 
@@ -175,19 +176,6 @@ def _remove_tree(folder: Path) -> None:
         shutil.rmtree(folder, onexc=ignore_gone)
     else:
         shutil.rmtree(folder, onerror=ignore_gone)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # FUSE and some NFS refuse fsync on a folder; the file itself is already synced
-    finally:
-        os.close(fd)
 
 
 def _why(exc: BaseException) -> str:

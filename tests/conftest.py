@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,39 @@ def run_nodes(*nodes, timeout: float = 60.0, stop_after: float | None = None):
         return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
 
     return asyncio.run(go())
+
+
+def write_peer(root: Path, node: str, beat: int, status: str = "running", role: str = "worker") -> None:
+    """A heartbeat file as a node of that role and status would write it."""
+    from sapod import paths, schema
+    from sapod.store import atomic_write_json
+
+    doc = schema.envelope(schema.PEER, node, "inst", 3, 0, 0)
+    doc.update(role=role, model="m", host="h", pid=1, version="0", started_at=0.0, beat=beat, phase="train",
+               status=status)
+    atomic_write_json(paths.peer_file(root, node), doc)
+
+
+@contextlib.contextmanager
+def beating(root: Path, node: str, interval: float = 0.1):
+    """A node whose heartbeat counter moves every ``interval`` seconds while the block runs."""
+    stop = threading.Event()
+
+    def beat():
+        n = 1
+        while not stop.is_set():
+            n += 1
+            write_peer(root, node, n)
+            time.sleep(interval)
+
+    write_peer(root, node, 1)
+    t = threading.Thread(target=beat)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -6,22 +6,14 @@ import asyncio
 import io
 import json
 import threading
-import time
 
 import structlog
 
-from sapod import paths, schema
+from conftest import beating, write_peer
+from sapod import paths
 from sapod.cli import main
 from sapod.executor import run_on_gpu
 from sapod.logs import configure_logging, get_logger
-from sapod.store import atomic_write_json
-
-
-def write_peer(root, node, beat, status="running"):
-    doc = schema.envelope(schema.PEER, node, "inst", 3, 0, 0)
-    doc.update(role="worker", model="m", host="h", pid=1, version="0", started_at=0.0, beat=beat, phase="train",
-               status=status)
-    atomic_write_json(paths.peer_file(root, node), doc)
 
 
 def check_args(tmp_path, node="w1"):
@@ -30,24 +22,8 @@ def check_args(tmp_path, node="w1"):
 
 def test_check_healthy_when_beat_moves(tmp_path, capsys):
     """`sapod check` exits 0 when the node's beat counter changes within two heartbeats."""
-    root = paths.experiment_root(tmp_path, "e")
-    write_peer(root, "w1", 1)
-    stop = threading.Event()
-
-    def beat():
-        n = 1
-        while not stop.is_set():
-            n += 1
-            write_peer(root, "w1", n)
-            time.sleep(0.1)
-
-    t = threading.Thread(target=beat)
-    t.start()
-    try:
+    with beating(paths.experiment_root(tmp_path, "e"), "w1"):
         assert main(check_args(tmp_path)) == 0
-    finally:
-        stop.set()
-        t.join()
     assert capsys.readouterr().out.startswith("healthy: w1: alive")
 
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 
-from sapod import paths, schema
+from sapod import paths
 from sapod.cli import main
 from sapod.status import collect_status, read_tail
-from sapod.store import atomic_write_json
 
-from conftest import read_rows
+from conftest import beating, read_rows, write_peer
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +20,6 @@ def demo(tmp_path_factory):
     shared = tmp_path_factory.mktemp("status")
     assert main(["demo", "--model", "sapod:scripted", "--workers", "2", "--rounds", "6", "--shared", str(shared)]) == 0
     return shared, paths.experiment_root(shared, "demo")
-
-
-def write_peer(root, node, beat, status="running", role="worker"):
-    doc = schema.envelope(schema.PEER, node, "inst", 3, 0, 0)
-    doc.update(role=role, model="m", host="h", pid=1, version="0", started_at=0.0, beat=beat, phase="train",
-               status=status)
-    atomic_write_json(paths.peer_file(root, node), doc)
 
 
 def test_rows_per_node_with_rounds_and_reward(demo):
@@ -72,25 +63,10 @@ def test_table_output_names_every_node(demo, capsys):
 def test_moving_heartbeat_is_alive_and_frozen_one_dead(tmp_path, capsys):
     """A node whose beat moves shows alive with an age; a running node whose beat stands still shows dead."""
     root = paths.experiment_root(tmp_path, "e")
-    write_peer(root, "w1", 1)
     write_peer(root, "w2", 7)
-    stop = threading.Event()
-
-    def beat():
-        n = 1
-        while not stop.is_set():
-            n += 1
-            write_peer(root, "w1", n)
-            time.sleep(0.1)
-
-    t = threading.Thread(target=beat)
-    t.start()
-    try:
+    with beating(root, "w1"):
         assert main(["status", "--shared", str(tmp_path), "--experiment", "e", "--json",
                      "--heartbeat-interval", "0.3", "--peer-timeout", "2"]) == 0
-    finally:
-        stop.set()
-        t.join()
     nodes = {n["node"]: n for n in json.loads(capsys.readouterr().out)["nodes"]}
     assert nodes["w1"]["alive"] and nodes["w1"]["liveness"] == "alive"
     assert nodes["w1"]["heartbeat_age_s"] is not None and nodes["w1"]["heartbeat_age_s"] < 1.0
