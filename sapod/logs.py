@@ -15,7 +15,7 @@ from typing import Any
 import aiofiles
 import structlog
 
-from sapod.store import dumps
+from sapod.store import IO, dumps
 
 _configured = False
 
@@ -49,6 +49,7 @@ def get_logger(name: str = "sapod") -> Any:
 
 async def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line; a failure to write a record is logged, never fatal."""
+    IO["appends"] += 1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         async with aiofiles.open(path, "ab") as fh:

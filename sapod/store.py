@@ -11,6 +11,7 @@ import json
 import os
 import re
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from sapod.errors import Rejected
 NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 NODE_ID_RE = re.compile(rf"^{NODE_ID_PATTERN}$")
 NODE_FILE_RE = re.compile(rf"^({NODE_ID_PATTERN})\.json$")
+
+# Operations on the shared folder, counted for benchmarks (each one costs an API call on Drive).
+IO: Counter[str] = Counter()
 
 # Caps before parsing: a peer cannot make us read (or allocate) more than this.
 SMALL_FILE_MAX = 64 * 1024
@@ -47,6 +51,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    IO["files_written"] += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     # The leading dot keeps the temp name from ever matching a reader's name pattern.
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -87,6 +92,7 @@ def read_json(path: Path, max_bytes: int = SMALL_FILE_MAX) -> dict[str, Any] | N
     Opens without following symlinks and checks the size before reading, so a
     peer's 100 MB file or a link out of the folder costs one stat.
     """
+    IO["reads"] += 1
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
@@ -125,6 +131,7 @@ def list_node_files(directory: Path) -> dict[str, Path]:
     Conflict copies (``w1 (1).json``), temp files, ``.nfs*`` leftovers, symlinks
     and folders are ignored. A missing folder is an empty listing.
     """
+    IO["listings"] += 1
     found: dict[str, Path] = {}
     try:
         with os.scandir(directory) as it:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,65 @@ def pick_watch_mode(requested: str, shared: Path, mounts: str = "/proc/self/moun
     return "inotify", f"{fstype} mount"
 
 
+class _SharedObserver:
+    """One inotify observer per process, shared by every node in it.
+
+    watchdog opens one inotify instance per watched folder, and a user may hold only
+    128 of them: with one observer per node, a box running many nodes would run out.
+    Shared, the nodes watching the same folder (the state folder, this round's
+    rollouts) share one watch, which is dropped when its last node lets go.
+    """
+
+    _lock = threading.Lock()
+    _observer: Any = None
+    _watches: dict[str, tuple[Any, set[Any]]] = {}
+    _users = 0
+
+    @classmethod
+    def acquire(cls) -> None:
+        from watchdog.observers.inotify import InotifyObserver
+
+        with cls._lock:
+            if cls._observer is None:
+                cls._observer = InotifyObserver()
+                cls._observer.daemon = True
+                cls._observer.start()
+            cls._users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0 and cls._observer is not None:
+                cls._observer.stop()
+                cls._observer.join(timeout=2)
+                cls._observer, cls._watches = None, {}
+
+    @classmethod
+    def add(cls, handler: Any, folder: str) -> None:
+        with cls._lock:
+            if folder in cls._watches:
+                watch, handlers = cls._watches[folder]
+                cls._observer.add_handler_for_watch(handler, watch)
+            else:
+                watch, handlers = cls._observer.schedule(handler, folder, recursive=False), set()
+                cls._watches[folder] = (watch, handlers)
+            handlers.add(handler)
+
+    @classmethod
+    def remove(cls, handler: Any, folder: str) -> None:
+        with cls._lock:
+            if cls._observer is None or folder not in cls._watches:
+                return
+            watch, handlers = cls._watches[folder]
+            handlers.discard(handler)
+            if handlers:
+                cls._observer.remove_handler_for_watch(handler, watch)
+            else:
+                del cls._watches[folder]
+                cls._observer.unschedule(watch)
+
+
 class Watcher:
     """Watches a small, changing set of folders (never a whole tree) and wakes a waiter."""
 
@@ -60,13 +120,12 @@ class Watcher:
         self.mode = mode
         self._loop = loop
         self._wake = asyncio.Event()
-        self._observer: Any = None
-        self._watches: dict[Path, Any] = {}
+        self._handler: Any = None
+        self._folders: set[str] = set()
         self.degraded = False
         self._log = get_logger()
         if mode == "inotify":
             from watchdog.events import FileSystemEventHandler
-            from watchdog.observers.inotify import InotifyObserver
 
             watcher = self
 
@@ -76,28 +135,28 @@ class Watcher:
                     watcher._loop.call_soon_threadsafe(watcher._wake.set)
 
             self._handler = _Bridge()
-            self._observer = InotifyObserver()
-            self._observer.daemon = True
-            self._observer.start()
+            _SharedObserver.acquire()
 
     def watch(self, folders: list[Path]) -> None:
         """Watch exactly these folders (creating them), dropping the others."""
-        if self._observer is None:
+        if self._handler is None:
             return
-        wanted = {Path(f) for f in folders}
-        for old in set(self._watches) - wanted:
+        wanted = {str(f) for f in folders}
+        for old in self._folders - wanted:
             try:
-                self._observer.unschedule(self._watches.pop(old))
+                _SharedObserver.remove(self._handler, old)
             except (KeyError, ValueError, OSError):
                 pass
-        for folder in wanted - set(self._watches):
+            self._folders.discard(old)
+        for folder in wanted - self._folders:
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                self._watches[folder] = self._observer.schedule(self._handler, str(folder), recursive=False)
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                _SharedObserver.add(self._handler, folder)
+                self._folders.add(folder)
             except OSError as exc:
                 # Without the watch the rescan still finds everything, only later.
                 self.degraded = True
-                self._log.warning("watch_failed", folder=str(folder), error=str(exc))
+                self._log.warning("watch_failed", folder=folder, error=str(exc))
 
     def poke(self) -> None:
         self._wake.set()
@@ -113,7 +172,7 @@ class Watcher:
             self._wake.clear()
 
     def close(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=2)
-            self._observer = None
+        if self._handler is not None:
+            self.watch([])
+            self._handler = None
+            _SharedObserver.release()

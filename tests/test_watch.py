@@ -57,3 +57,25 @@ def test_poll_mode_only_times_out(tmp_path):
         return await w.wait(0.2)
 
     assert asyncio.run(go()) is False
+
+
+def test_many_nodes_share_one_inotify_watch_per_folder(tmp_path):
+    """200 watchers in one process (more than the 128 inotify instances a user may hold) all wake on one write."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        watchers = [Watcher("inotify", loop) for _ in range(200)]
+        try:
+            for w in watchers:
+                w.watch([tmp_path / "state", tmp_path / "round_0"])
+            assert not any(w.degraded for w in watchers)
+            for w in watchers[:100]:
+                w.watch([tmp_path / "state"])  # half of them move on; the shared watch stays for the rest
+            loop.call_later(0.2, (tmp_path / "round_0" / "x.json").write_text, "{}")
+            woke = await asyncio.gather(*(w.wait(5) for w in watchers[100:]))
+            return woke
+        finally:
+            for w in watchers:
+                w.close()
+
+    assert all(asyncio.run(go()))
