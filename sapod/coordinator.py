@@ -16,7 +16,7 @@ import structlog
 from sapod import PROTOCOL, paths, schema
 from sapod.errors import Displaced, Rejected
 from sapod.housekeeping import tidy_for
-from sapod.node import Node, io
+from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.schema import State, Submission, parse_submission
 from sapod.state import StateReader, read_experiment
@@ -28,10 +28,10 @@ class Coordinator(Node):
 
     async def main(self) -> None:
         await self.set_phase("register")
-        settings = await io(self._ensure_experiment)
+        settings = await self.io(self._ensure_experiment)
         self.reader = StateReader(self.root)
         self.table = PeerTable(self.root, self.cfg.peer_timeout)
-        state = await io(self._take_over)
+        state = await self.io(self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
         self._accepted: dict[str, Submission] = {}
         self._rejected: dict[str, str] = {}
@@ -41,16 +41,22 @@ class Coordinator(Node):
             structlog.contextvars.bind_contextvars(round=state.round, stage=state.stage)
             if self.phase != "collect":
                 await self.set_phase("collect")
+            # Watch first, then look, then wait: a submission that landed before the
+            # watch existed is found by the look, not by the next rescan.
             self.watch(paths.peers_dir(self.root), paths.rewards_dir(self.root, state.round, state.stage))
-            await self.wait_event()
-            await io(self.table.refresh)
-            await io(self._collect, state)
-            live = self.table.live("worker")
+            await self.io(self.table.refresh, self.peer_refresh_age)
+            await self.io(self._collect, state)
             submitted = set(self._accepted)
+            if submitted and self.table.live("worker") <= submitted:
+                await self.io(self.table.refresh)  # about to advance: make sure no newcomer is missed
+            live = self.table.live("worker")
             timed_out = time.monotonic() - opened >= self.cfg.round_timeout
             if submitted and (live <= submitted or timed_out):
                 state = await self._advance(state, live, submitted, timed_out, time.monotonic() - opened)
                 opened = time.monotonic()
+                self.poll_soon()
+                continue
+            await self.wait_event()
         if state.status == "finished":
             self.status = "finished"
             await self.set_phase("finished")
@@ -113,7 +119,7 @@ class Coordinator(Node):
 
     async def _advance(self, state: State, live: set[str], submitted: set[str], timed_out: bool,
                        seconds: float) -> State:
-        await io(self._fence)
+        await self.io(self._fence)
         mean = sum(s.reward_mean for s in self._accepted.values()) / len(self._accepted)
         missing = sorted(live - submitted)
         self.log.info("round_complete", round=state.round, submitted=sorted(submitted), missing=missing,
@@ -126,11 +132,12 @@ class Coordinator(Node):
                         self.node_id, self.instance)
         else:
             new = State(nxt, 0, state.epoch, state.seq + 1, "open", time.time(), self.node_id, self.instance)
-        await io(atomic_write_json, paths.state_file(self.root), schema.state_doc(new))
+        await self.publish(paths.state_file(self.root), schema.state_doc(new))
         self.reader.current = new
         self._accepted, self._rejected = {}, {}
+        await self.io(self.records.flush)
         if new.status == "open":
-            tidied = await io(tidy_for, self.cfg, new.round)
+            tidied = await self.io(tidy_for, self.cfg, new.round)
             if tidied and (tidied["rounds_removed"] or tidied["errors"]):
                 self.log.info("rounds_tidied", **tidied)
         return new

@@ -5,7 +5,7 @@ open round and the ``keep_last - 1`` rounds before it; ``keep_last`` is at least
 so the previous round, which a slow worker may still be reading, always stays.
 Checkpoints are not handled here (sapod.checkpoint keeps the last CHECKPOINT_KEEP).
 
-Blocking file work: call it off the event loop (``await io(tidy_rounds, ...)``).
+Blocking file work: call it off the event loop (``await node.io(tidy_for, ...)``).
 Nothing here raises for a filesystem error: each failure is logged with a reason
 and counted, and the next call simply tries again, because every call considers
 every old round it can see, not just the one that just became old.

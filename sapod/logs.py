@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiofiles
 import structlog
 
 from sapod.store import IO, dumps
@@ -47,12 +46,41 @@ def get_logger(name: str = "sapod") -> Any:
     return structlog.get_logger(name)
 
 
-async def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line; a failure to write a record is logged, never fatal."""
+def append_jsonl(path: Path, records: list[dict[str, Any]]) -> bool:
+    """Append JSON lines in one write; a failure is logged, never fatal. True if written."""
     IO["appends"] += 1
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        async with aiofiles.open(path, "ab") as fh:
-            await fh.write(dumps(record) + b"\n")
+        with open(path, "ab") as fh:
+            fh.write(b"".join(dumps(r) + b"\n" for r in records))
+        return True
     except OSError as exc:
-        get_logger().warning("record_not_written", path=str(path), error=str(exc))
+        get_logger().warning("records_not_written", path=str(path), records=len(records), error=str(exc))
+        return False
+
+
+class RecordBuffer:
+    """JSONL records held until the next flush: one append per file per round, not per event.
+
+    Each append is a write on the shared folder (an API call on Drive), and a round
+    produces a dozen records. Records that fail to write are kept for the next flush,
+    up to a bound.
+    """
+
+    MAX_PENDING = 10_000
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, list[dict[str, Any]]] = {}
+
+    def add(self, path: Path, record: dict[str, Any]) -> None:
+        rows = self._pending.setdefault(path, [])
+        rows.append(record)
+        del rows[:-self.MAX_PENDING]
+
+    def flush(self) -> None:
+        """Write what is pending (blocking: run it where file work runs)."""
+        pending, self._pending = self._pending, {}
+        for path, rows in pending.items():
+            if not append_jsonl(path, rows):
+                for row in rows:
+                    self.add(path, row)

@@ -22,17 +22,12 @@ import structlog
 from sapod import __version__, paths, schema
 from sapod.config import Config
 from sapod.errors import Displaced, Rejected, StartupError
-from sapod.logs import append_jsonl, get_logger
+from sapod.logs import RecordBuffer, get_logger
 from sapod.sdnotify import Notifier
 from sapod.store import atomic_write_json, read_json
-from sapod.watch import Watcher, pick_watch_mode
+from sapod.watch import Watcher, is_remote, mount_fstype, pick_watch_mode
 
 T = TypeVar("T")
-
-
-async def io(fn: Callable[..., T], *args: Any) -> T:
-    """Blocking file work off the loop: a slow mount must not stall heartbeats."""
-    return await asyncio.to_thread(fn, *args)
 
 
 class Node:
@@ -51,12 +46,17 @@ class Node:
         self.beat = 0
         self.log = get_logger()
         self.watcher: Watcher | None = None
+        self.inline_io = False
         self.watch_mode = "poll"
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_lock = asyncio.Lock()
         self._displaced: Displaced | None = None
         self.notifier = Notifier(cfg.notify_socket)
+        self.records = RecordBuffer()
         self._wd_task: asyncio.Task[None] | None = None
+        # How stale a cached view of peers/ may be: heartbeats move only this often.
+        self.peer_refresh_age = min(cfg.heartbeat_interval, cfg.peer_timeout / 4)
+        self._hot_until = 0.0
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
@@ -78,14 +78,28 @@ class Node:
 
     async def startup(self) -> None:
         self.watch_mode, why = pick_watch_mode(self.cfg.watch_mode, self.cfg.shared)
+        self.inline_io = not is_remote(mount_fstype(self.cfg.shared))
         try:
-            await io(self._check_folder)
+            await self.io(self._check_folder)
         except OSError as exc:
             raise StartupError(f"shared folder {self.cfg.shared} is not usable: {exc}") from None
         self.watcher = Watcher(self.watch_mode, asyncio.get_running_loop())
         self.log.info("node_starting", version=__version__, instance=self.instance, model=self.cfg.model,
                       shared=str(self.cfg.shared), experiment=self.cfg.experiment, watch=self.watch_mode,
-                      watch_reason=why)
+                      watch_reason=why, inline_io=self.inline_io)
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocking file work: in a thread on network and FUSE mounts, where one call can
+        hang for seconds and must not stall heartbeats; inline on a local disk, where a
+        small read or write costs less than the hop to a thread and back."""
+        if self.inline_io:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    async def publish(self, path: Path, doc: dict[str, Any]) -> None:
+        """A durable, atomic write, always in a thread: its fsyncs wait on the disk,
+        and nodes sharing a process should wait in parallel, not one after another."""
+        await asyncio.to_thread(atomic_write_json, path, doc)
 
     def _check_folder(self) -> None:
         if not self.cfg.shared.is_dir():
@@ -116,6 +130,7 @@ class Node:
                 await self.heartbeat()  # the final one says we are gone
             except (OSError, Displaced):
                 pass
+        await self.io(self.records.flush)
         self.log.info("node_stopped", status=self.status, round=self.round)
         self.notifier.close()
 
@@ -140,7 +155,7 @@ class Node:
 
     def _write_peer(self) -> None:
         self.beat += 1
-        atomic_write_json(paths.peer_file(self.root, self.node_id), self._peer_doc())
+        atomic_write_json(paths.peer_file(self.root, self.node_id), self._peer_doc(), durable=False)
 
     def _check_owner(self) -> None:
         """Anyone else's instance in our peer file wrote it after our last beat: a twin.
@@ -164,8 +179,8 @@ class Node:
 
     async def heartbeat(self) -> None:
         async with self._hb_lock:
-            await io(self._check_owner)
-            await io(self._write_peer)
+            await self.io(self._check_owner)
+            await self.io(self._write_peer)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -188,14 +203,16 @@ class Node:
     async def set_phase(self, phase: str, **fields: Any) -> None:
         """One canonical line and one training event per state transition."""
         previous, self.phase = self.phase, phase
+        self.poll_soon()
         self.log.info("phase", phase=phase, previous=previous, **fields)
         self.notifier.status(self._status_text())
-        await append_jsonl(paths.events_file(self.root, self.node_id), {
+        self.records.add(paths.events_file(self.root, self.node_id), {
             "ts": time.time(), "node_id": self.node_id, "instance": self.instance, "round": self.round,
             "phase": phase, "previous": previous, **fields})
 
     async def progress(self, event: str, **fields: Any) -> None:
-        await append_jsonl(paths.progress_file(self.root, self.node_id), {
+        """A progress record (started / round_complete / checkpoint / finished / error), written at the next flush."""
+        self.records.add(paths.progress_file(self.root, self.node_id), {
             "ts": time.time(), "event": event, "node_id": self.node_id, "role": self.role,
             "instance": self.instance, "round": self.round, **fields})
 
@@ -203,10 +220,23 @@ class Node:
         assert self.watcher is not None
         self.watcher.watch(list(folders))
 
+    def poll_soon(self) -> None:
+        """Something is expected soon (a phase began): in poll mode, rescan 8 times as
+        often for one POLL_INTERVAL, then at the normal pace.
+
+        A quick round is then seen within a fraction of the interval, hop after hop
+        (state -> workers -> peers' rollouts -> coordinator), while a long wait costs
+        at most 8 extra reads. (A doubling back-off compounds across the hops instead.)
+        """
+        self._hot_until = time.monotonic() + self.cfg.poll_interval
+
     async def wait_event(self, timeout: float | None = None) -> None:
-        """Until a file event, the rescan interval, or a stop request."""
+        """Until a file event, the next rescan, or a stop request."""
         assert self.watcher is not None
-        timeout = self.cfg.poll_interval if timeout is None else min(timeout, self.cfg.poll_interval)
+        rescan = self.cfg.poll_interval
+        if self.watch_mode == "poll" and time.monotonic() < self._hot_until:
+            rescan /= 8
+        timeout = rescan if timeout is None else min(timeout, rescan)
         stop = asyncio.ensure_future(self.stop.wait())
         woke = asyncio.ensure_future(self.watcher.wait(timeout))
         try:

@@ -36,9 +36,18 @@ class PeerTable:
         self._seen: dict[str, _Seen] = {}
         self._rejected: dict[str, str] = {}
         self._log = get_logger()
+        self._refreshed_at: float | None = None
 
-    def refresh(self) -> None:
+    def refresh(self, max_age: float = 0.0) -> None:
+        """Re-read peers/, unless the last read is younger than ``max_age`` seconds.
+
+        Reading every heartbeat on every file event costs N reads per event, N^2 per
+        round; heartbeats only move every HEARTBEAT_INTERVAL anyway.
+        """
         now = self.clock()
+        if self._refreshed_at is not None and now - self._refreshed_at < max_age:
+            return
+        self._refreshed_at = now
         for node_id, path in list_node_files(paths.peers_dir(self.root)).items():
             try:
                 doc = read_json(path)

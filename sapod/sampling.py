@@ -5,10 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sapod.advantages import has_signal
 from sapod.types import Group
+
+
+T = TypeVar("T")
+
+
+def _identity(g: Any) -> Any:
+    return g
 
 
 def _group_key(g: Group) -> tuple:
@@ -26,27 +34,38 @@ def _group_key(g: Group) -> tuple:
     )
 
 
-def select_external(groups: Sequence[Group], j: int, rng: random.Random) -> tuple[list[Group], int]:
-    """Up to ``j`` distinct groups with signal, uniformly without replacement.
+def select_external(candidates: Sequence[T], j: int, rng: random.Random, *,
+                    key: Callable[[T], Any] = _group_key,
+                    score: Callable[[T], Group | None] = _identity) -> tuple[list[Group], int]:
+    """Up to ``j`` distinct groups with signal, uniformly at random without replacement.
 
-    Returns ``(chosen, dropped)`` where ``dropped`` counts groups discarded because every reward
-    in them is equal under this node's verifier (zero advantage, nothing to learn). Exact
-    duplicates in the input are collapsed first and are not counted as dropped.
+    Candidates are put in a canonical order (by ``key``, so the listing order of the
+    shared folder does not matter), shuffled with ``rng``, and taken in that order:
+    each is scored (``score`` checks and scores a peer's item lazily; None means
+    invalid) and kept if its rewards are not all equal, until ``j`` are kept. Taking
+    the first ``j`` of a uniform shuffle that pass the filter is a uniform sample of
+    the groups that pass it, and only the groups looked at are ever scored, which
+    keeps a node's cost at O(J) verifier calls however large the swarm.
+
+    Returns ``(chosen, dropped)``: ``dropped`` counts the examined groups discarded for
+    zero advantage. Exact duplicates are collapsed first and not counted.
     """
-    unique: dict[tuple, Group] = {}
+    unique = {key(c): c for c in candidates}
+    order = [unique[k] for k in sorted(unique)]
+    rng.shuffle(order)
+    chosen: list[Group] = []
     dropped = 0
-    for g in groups:
-        key = _group_key(g)
-        if key in unique:
+    for candidate in order:
+        if len(chosen) >= j:
+            break
+        group = score(candidate)
+        if group is None:
             continue
-        if not has_signal(g.rewards):
+        if has_signal(group.rewards):
+            chosen.append(group)
+        else:
             dropped += 1
-            unique[key] = None  # type: ignore[assignment]  # remembered so a repeat is not recounted
-            continue
-        unique[key] = g
-    candidates = [unique[k] for k in sorted(unique) if unique[k] is not None]
-    k = min(max(j, 0), len(candidates))
-    return rng.sample(candidates, k), dropped
+    return chosen, dropped
 
 
 def round_seed(base_seed: int, node_id: str, round_: int, purpose: str) -> int:

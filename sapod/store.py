@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Publish ``data`` at ``path`` whole or not at all (temp file + ``os.replace``).
+
+    ``durable`` adds fsync of the file before the rename and of the folder after it,
+    so the write survives a power cut. A heartbeat, rewritten every few seconds and
+    read suspiciously, does without: an fsync can cost milliseconds on a busy disk.
+    """
     IO["files_written"] += 1
     path.parent.mkdir(parents=True, exist_ok=True)
     # The leading dot keeps the temp name from ever matching a reader's name pattern.
@@ -59,16 +67,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, dumps(obj))
+def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, dumps(obj), durable)
 
 
 def _reject_constant(name: str) -> Any:
@@ -92,12 +102,17 @@ def read_json(path: Path, max_bytes: int = SMALL_FILE_MAX) -> dict[str, Any] | N
     Opens without following symlinks and checks the size before reading, so a
     peer's 100 MB file or a link out of the folder costs one stat.
     """
+    return read_json_sized(path, max_bytes)[0]
+
+
+def read_json_sized(path: Path, max_bytes: int = SMALL_FILE_MAX) -> tuple[dict[str, Any] | None, int]:
+    """``read_json`` and the number of bytes read."""
     IO["reads"] += 1
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        return None
+        return None, 0
     except OSError as exc:
         raise Rejected(f"cannot open: {exc.strerror or exc}") from None
     try:
@@ -116,7 +131,7 @@ def read_json(path: Path, max_bytes: int = SMALL_FILE_MAX) -> dict[str, Any] | N
         raise Rejected(f"too large: more than {max_bytes} bytes")
     if not data:
         raise Rejected("empty file")
-    return parse_json_bytes(data)
+    return parse_json_bytes(data), len(data)
 
 
 def _is_regular(mode: int) -> bool:
@@ -131,8 +146,13 @@ def list_node_files(directory: Path) -> dict[str, Path]:
     Conflict copies (``w1 (1).json``), temp files, ``.nfs*`` leftovers, symlinks
     and folders are ignored. A missing folder is an empty listing.
     """
+    return {node: path for node, (path, _) in list_node_entries(directory).items()}
+
+
+def list_node_entries(directory: Path) -> dict[str, tuple[Path, int]]:
+    """Like ``list_node_files``, with each file's inode number (free from the listing)."""
     IO["listings"] += 1
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[Path, int]] = {}
     try:
         with os.scandir(directory) as it:
             for entry in it:
@@ -144,7 +164,44 @@ def list_node_files(directory: Path) -> dict[str, Path]:
                         continue
                 except OSError:
                     continue
-                found[m.group(1)] = Path(entry.path)
+                found[m.group(1)] = (Path(entry.path), entry.inode())
     except FileNotFoundError:
         return {}
     return found
+
+
+class WriteOnceCache:
+    """Parsed write-once files (rollouts), shared by every node of a process.
+
+    Keyed by (path, inode): a file published with ``os.replace`` gets a new inode,
+    so a replaced file is read again. With N nodes in one process, each peer file is
+    opened and parsed once per process instead of once per node. Rejections are
+    remembered too, so a hostile file costs one read. Bounded by total bytes.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, int], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, inode: int, load: Callable[[Path], tuple[Any, int]]) -> Any:
+        """``load(path) -> (value, size)``; an exception value (Rejected) is re-raised."""
+        key = (str(path), inode)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+        if hit is None:
+            hit = load(path)
+            if hit[0] is None:  # not there yet: nothing to remember
+                return None
+            with self._lock:
+                self._items[key] = hit
+                self._bytes += hit[1]
+                while self._bytes > self.max_bytes and len(self._items) > 1:
+                    _, (_, size) = self._items.popitem(last=False)
+                    self._bytes -= size
+        if isinstance(hit[0], Rejected):
+            raise hit[0]
+        return hit[0]

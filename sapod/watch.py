@@ -18,6 +18,11 @@ from typing import Any
 
 from sapod.logs import get_logger
 
+# inotify also reports reads (open, close without writing). Every node re-reads the
+# folder it watches when woken, so waking on reads would have nodes wake each other
+# in a loop.
+READ_EVENTS = frozenset({"opened", "closed_no_write"})
+
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "9p", "afs", "ceph", "glusterfs", "lustre",
               "davfs", "sshfs", "virtiofs")
 
@@ -40,12 +45,17 @@ def mount_fstype(path: Path, mounts: str = "/proc/self/mounts") -> str:
         return "unknown"
 
 
+def is_remote(fstype: str) -> bool:
+    """Network and FUSE filesystems (Drive, rclone, gcsfuse, NFS, SMB, ...), or one we cannot tell."""
+    return fstype == "unknown" or fstype.startswith("fuse") or fstype in NETWORK_FS
+
+
 def pick_watch_mode(requested: str, shared: Path, mounts: str = "/proc/self/mounts") -> tuple[str, str]:
     """(mode, reason). ``auto`` polls on network and FUSE mounts, where inotify is blind."""
     if requested != "auto":
         return requested, "requested"
     fstype = mount_fstype(shared, mounts)
-    if fstype.startswith("fuse") or fstype in NETWORK_FS:
+    if is_remote(fstype):
         return "poll", f"{fstype} mount"
     try:
         from watchdog.observers.inotify import InotifyObserver  # noqa: F401
@@ -132,6 +142,8 @@ class Watcher:
             class _Bridge(FileSystemEventHandler):
                 # Runs on the observer's thread: hand over to the loop, do nothing else.
                 def on_any_event(self, event: Any) -> None:
+                    if event.event_type in READ_EVENTS:
+                        return
                     watcher._loop.call_soon_threadsafe(watcher._wake.set)
 
             self._handler = _Bridge()

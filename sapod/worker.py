@@ -22,12 +22,11 @@ from sapod import paths, schema
 from sapod.checkpoint import latest_checkpoint, read_counters, save_checkpoint
 from sapod.errors import Rejected, StartupError
 from sapod.executor import run_on_gpu
-from sapod.gather import GatherResult, own_rollouts, read_peer_rollouts, rollouts_doc, score_external
-from sapod.logs import append_jsonl
-from sapod.node import Node, io
+from sapod.gather import GatherResult, choose_external, own_rollouts, read_peer_rollouts, rollouts_doc
+from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.policy.loader import load_policy
-from sapod.sampling import round_seed, select_external
+from sapod.sampling import round_seed
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import atomic_write_json, read_json
@@ -100,7 +99,7 @@ class Worker(Node):
     async def _adopt_settings(self) -> None:
         """The coordinator's experiment.json settings are the swarm's; wait for it."""
         self.watch(self.root)
-        while (settings := await io(read_experiment, self.root)) is None:
+        while (settings := await self.io(read_experiment, self.root)) is None:
             if self.stop.is_set():
                 raise Stopping()
             await self.wait_event()
@@ -110,12 +109,12 @@ class Worker(Node):
             self.cfg = self.cfg.with_(**changes)
 
     async def _resume(self) -> None:
-        found = await io(latest_checkpoint, self.root, self.node_id)
+        found = await self.io(latest_checkpoint, self.root, self.node_id)
         if found is None:
             return
         round_, directory = found
         try:
-            counters = await io(read_counters, directory, self.node_id)
+            counters = await self.io(read_counters, directory, self.node_id)
             await run_on_gpu(self.policy.load, directory)
         except (Rejected, OSError, ValueError, RuntimeError) as exc:
             raise StartupError(f"checkpoint {directory} cannot be restored: {exc}") from exc
@@ -129,8 +128,9 @@ class Worker(Node):
 
     async def _await_state(self) -> State | None:
         self.watch(paths.state_dir(self.root))
+        await self.io(self.records.flush)  # the round's records, in one append per file
         while not self.stop.is_set():
-            state = await io(self.reader.read)
+            state = await self.io(self.reader.read)
             if state is not None and (state.status == "finished" or state.round > self.last_round):
                 return state
             await self.wait_event()
@@ -159,7 +159,7 @@ class Worker(Node):
         r, s, cfg = state.round, state.stage, self.cfg
         self.round = r
         structlog.contextvars.bind_contextvars(round=r, stage=s)
-        if await io(read_json, paths.reward_file(self.root, r, s, self.node_id)) is not None:
+        if await self.io(read_json, paths.reward_file(self.root, r, s, self.node_id)) is not None:
             self.log.info("already_submitted", round=r)  # a restart after submitting
             self.last_round = r
             return
@@ -167,7 +167,7 @@ class Worker(Node):
         await self.set_phase("generate")
         t0 = time.monotonic()
         tokens = 0
-        earlier = await io(own_rollouts, self.root, r, s, self.node_id, self.tasks)
+        earlier = await self.io(own_rollouts, self.root, r, s, self.node_id, self.tasks)
         if earlier is not None:
             items, completions = earlier
             self.log.info("reusing_published_rollouts", round=r)
@@ -182,17 +182,17 @@ class Worker(Node):
         if earlier is None:
             await self.set_phase("publish", tokens=tokens, seconds=round(t_generate, 3))
             doc = rollouts_doc(self.node_id, self.instance, r, s, state.epoch, cfg.model, items, completions)
-            await io(atomic_write_json, paths.rollout_file(self.root, r, s, self.node_id), doc)
+            await self.publish(paths.rollout_file(self.root, r, s, self.node_id), doc)
 
         await self.set_phase("gather")
         t0 = time.monotonic()
         result = await self._gather(r, s)
         t_gather = time.monotonic() - t0
-        local = [Group(it, comps, await io(self._score, it, comps), self.node_id)
+        local = [Group(it, comps, await self.io(self._score, it, comps), self.node_id)
                  for it, comps in zip(items, completions)]
-        external_all = await io(score_external, result, self.tasks, 4 * max(cfg.num_generations, 8))
-        external, dropped = select_external(external_all, cfg.num_transplant_trees,
-                                            random.Random(round_seed(cfg.seed, self.node_id, r, "external")))
+        rng = random.Random(round_seed(cfg.seed, self.node_id, r, "external"))
+        external, available, dropped = await self.io(choose_external, result, self.tasks, cfg.num_transplant_trees, rng,
+                                                4 * max(cfg.num_generations, 8))
         self._check_stop()
 
         await self.set_phase("train", local=len(local), external=len(external))
@@ -209,7 +209,7 @@ class Worker(Node):
         self.last_round = r
 
         await self.set_phase("submit")
-        closed = await io(self._round_closed, r)
+        closed = await self.io(self._round_closed, r)
         if closed:
             self.log.warning("round_closed_before_submit", round=r)
         else:
@@ -217,7 +217,7 @@ class Worker(Node):
             sub.update(reward_mean=reward_mean, reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
                        n_external=len(external), external_from=sorted({g.source for g in external}),
                        cumulative_reward=self.cumulative_reward)
-            await io(atomic_write_json, paths.reward_file(self.root, r, s, self.node_id), sub)
+            await self.publish(paths.reward_file(self.root, r, s, self.node_id), sub)
 
         t_ckpt = 0.0
         if (r + 1) % cfg.checkpoint_interval == 0:
@@ -226,14 +226,14 @@ class Worker(Node):
             "ts": time.time(), "round": r, "stage": s, "node_id": self.node_id, "rewards": own,
             "reward_mean": reward_mean, "reward_sum": reward_sum, "cumulative_reward": self.cumulative_reward,
             "n_local": len(local), "n_external": len(external), "external_from": sorted({g.source for g in external}),
-            "external_available": len(external_all), "dropped_zero_advantage": dropped,
+            "external_available": available, "dropped_zero_advantage": dropped,
             "rejected_invalid": result.invalid_items + len(result.rejected), "submitted": not closed,
             "loss": stats.get("loss", 0.0), "grad_norm": stats.get("grad_norm", 0.0),
             "tokens_generated": tokens, "tokens_trained": stats.get("tokens", 0),
             "t_generate": t_generate, "t_gather": t_gather, "t_train": t_train, "t_checkpoint": t_ckpt,
             "t_round": time.monotonic() - t_round,
         }
-        await append_jsonl(paths.metrics_file(self.root, self.node_id), row)
+        self.records.add(paths.metrics_file(self.root, self.node_id), row)
         self.log.info("round_done", reward_mean=round(reward_mean, 4), cumulative=round(self.cumulative_reward, 4),
                       external=len(external), loss=round(row["loss"], 5), seconds=round(row["t_round"], 3))
         await self.progress("round_complete", reward_mean=reward_mean, cumulative_reward=self.cumulative_reward,
@@ -254,8 +254,8 @@ class Worker(Node):
         self.watch(paths.rollouts_dir(self.root, r, s), paths.state_dir(self.root))
         deadline = time.monotonic() + self.cfg.gather_timeout
         while True:
-            await io(self.table.refresh)
-            await io(read_peer_rollouts, self.root, r, s, self.node_id, result)
+            await self.io(self.table.refresh, self.peer_refresh_age)
+            await self.io(read_peer_rollouts, self.root, r, s, self.node_id, result)
             waiting = self.table.live("worker") - {self.node_id} - set(result.rollouts)
             if not waiting:
                 break
@@ -263,7 +263,7 @@ class Worker(Node):
             if left <= 0:
                 self.log.warning("gather_timeout", waiting_for=sorted(waiting), have=sorted(result.rollouts))
                 break
-            if await io(self._round_closed, r):
+            if await self.io(self._round_closed, r):
                 break
             self._check_stop()
             await self.wait_event(left)

@@ -49,9 +49,9 @@ def test_returns_min_of_j_and_available_without_duplicates():
 
 
 def test_j_zero_or_negative_returns_empty():
-    """j=0 (and a negative j) returns no groups but still reports the drop count."""
-    assert select_external(pool(), 0, random.Random(1)) == ([], 6)
-    assert select_external(pool(), -3, random.Random(1)) == ([], 6)
+    """j=0 (and a negative j) returns no groups and examines (scores) none."""
+    assert select_external(pool(), 0, random.Random(1)) == ([], 0)
+    assert select_external(pool(), -3, random.Random(1)) == ([], 0)
     assert select_external([], 5, random.Random(1)) == ([], 0)
 
 
@@ -72,6 +72,27 @@ def test_exact_duplicates_are_collapsed():
     g = group("alice", 1, [0.0, 1.0])
     chosen, dropped = select_external([g, g, group("alice", 1, [0.0, 1.0])], 5, random.Random(0))
     assert len(chosen) == 1 and dropped == 0
+
+
+def test_only_examined_groups_are_scored():
+    """Scoring is lazy: with j=1 and every group informative, exactly one group is scored."""
+    scored = []
+
+    def score(g):
+        scored.append(g)
+        return g
+
+    groups = [group(f"n{i}", i, [0.0, 1.0]) for i in range(50)]
+    chosen, dropped = select_external(groups, 1, random.Random(3), score=score)
+    assert len(chosen) == 1 and scored == chosen and dropped == 0
+
+
+def test_invalid_candidates_are_skipped():
+    """A candidate that scores to None (failed its provenance check) is skipped, not counted as dropped."""
+    groups = [group(f"n{i}", i, [0.0, 1.0]) for i in range(6)]
+    chosen, dropped = select_external(groups, 10, random.Random(0),
+                                      score=lambda g: None if g.source in ("n1", "n2") else g)
+    assert sorted(g.source for g in chosen) == ["n0", "n3", "n4", "n5"] and dropped == 0
 
 
 def test_selection_is_roughly_uniform():
@@ -95,7 +116,10 @@ def test_select_external_properties(reward_lists, j, seed):
     groups = [group(f"n{i % 3}", i, r) for i, r in enumerate(reward_lists)]
     signal = [g for g in groups if len(g.rewards) > 1 and max(g.rewards) > min(g.rewards)]
     chosen, dropped = select_external(groups, j, random.Random(seed))
-    assert dropped == len(groups) - len(signal)
+    # Selection stops once j groups are kept: only the groups looked at can be dropped.
+    assert dropped <= len(groups) - len(signal)
+    if j > len(signal):  # every group was looked at
+        assert dropped == len(groups) - len(signal)
     assert len(chosen) == min(max(j, 0), len(signal))
     assert len({id(g) for g in chosen}) == len(chosen)
     assert all(any(g is s for s in signal) for g in chosen)

@@ -79,3 +79,22 @@ def test_many_nodes_share_one_inotify_watch_per_folder(tmp_path):
                 w.close()
 
     assert all(asyncio.run(go()))
+
+
+def test_reads_do_not_wake_watchers(tmp_path):
+    """Reading a watched file (open, close without writing) is not a change and wakes nobody."""
+    (tmp_path / "state.json").write_text("{}")
+
+    async def go():
+        w = Watcher("inotify", asyncio.get_running_loop())
+        try:
+            w.watch([tmp_path])
+            await asyncio.sleep(0.1)
+            w._wake.clear()
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, (tmp_path / "state.json").read_text)
+            return await w.wait(0.5)
+        finally:
+            w.close()
+
+    assert asyncio.run(go()) is False

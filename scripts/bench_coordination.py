@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Coordination overhead of a sapod swarm: N nodes with the zero-compute scripted
+policy in one process, on a local folder, with inotify and with polling.
+
+For each (mode, N) it runs a coordinator and N workers for R rounds and reports
+the per-round overhead (open to advance, on the coordinator's clock; round 0,
+which includes start-up, is left out) p50 / p95, rounds per second, and the
+shared-folder operations per node-round (files written, JSONL appends, reads,
+listings: each costs an API call on Drive). Prints a table, then one JSON line.
+
+    python scripts/bench_coordination.py --nodes 2,8,32,128 --rounds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sapod import paths
+from sapod.config import build_config
+from sapod.coordinator import Coordinator
+from sapod.daemon import run_loop
+from sapod.logs import configure_logging
+from sapod.progress import read_jsonl
+from sapod.store import IO
+from sapod.worker import Worker
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def run_swarm(shared: Path, n: int, rounds: int, mode: str, poll: float) -> float:
+    flags = {"shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(rounds),
+             "watch_mode": mode, "poll_interval": str(poll), "heartbeat_interval": "5", "peer_timeout": "120",
+             "gather_timeout": "60", "round_timeout": "300", "checkpoint_interval": str(rounds),
+             "log_level": "warning", "log_to_shared": "false"}
+    nodes = [Coordinator(build_config({**flags, "role": "coordinator", "node_id": "coord"}, {}))]
+    nodes += [Worker(build_config({**flags, "role": "worker", "node_id": f"w{i:03d}"}, {})) for i in range(n)]
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(node.run() for node in nodes), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} nodes failed: {failed[0]!r}")
+    return time.monotonic() - t0
+
+
+def bench(n: int, rounds: int, mode: str, poll: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="sapod-bench-") as tmp:
+        IO.clear()
+        wall = run_loop(run_swarm(Path(tmp), n, rounds, mode, poll))
+        ops = dict(IO)
+        root = paths.experiment_root(Path(tmp), "bench")
+        events = [e for e in read_jsonl(paths.progress_file(root, "coord")) if e.get("event") == "round_complete"]
+    per_round = [float(e["seconds"]) for e in events[1:]]
+    span = float(events[-1]["ts"]) - float(events[0]["ts"]) if len(events) > 1 else wall
+    node_rounds = n * rounds
+    return {
+        "mode": mode, "nodes": n, "rounds": rounds, "poll_interval": poll,
+        "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
+        "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
+        "per_node_round": {k: ops.get(k, 0) / node_rounds for k in ("files_written", "appends", "reads", "listings")},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", default="2,8,32,128", help="comma-separated swarm sizes [2,8,32,128]")
+    ap.add_argument("--rounds", type=int, default=30, help="rounds per run [30]")
+    ap.add_argument("--modes", default="inotify,poll", help="watch modes [inotify,poll]")
+    ap.add_argument("--poll-interval", type=float, default=0.5, help="POLL_INTERVAL in seconds [0.5]")
+    ap.add_argument("--json", type=Path, help="also write the results to this file")
+    args = ap.parse_args()
+    configure_logging("json", "warning", stream=sys.stderr)
+    results = []
+    print(f"{'mode':<8}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
+          f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
+    for mode in args.modes.split(","):
+        for n in (int(x) for x in args.nodes.split(",")):
+            r = bench(n, args.rounds, mode, args.poll_interval)
+            results.append(r)
+            p = r["per_node_round"]
+            print(f"{mode:<8}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}"
+                  f"{p['files_written']:>8.2f}{p['appends']:>9.2f}{p['reads']:>8.1f}{p['listings']:>8.1f}", flush=True)
+    out = {"benchmark": "coordination", "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
