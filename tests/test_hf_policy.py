@@ -189,3 +189,22 @@ def test_missing_local_directory_is_a_plain_load_error(tmp_path):
     missing = tmp_path / "nope" / "model"
     with pytest.raises(ModelLoadError, match="nope"):
         HFPolicy(str(missing), system_prompt=SYSTEM, device="cpu")
+
+
+def test_shared_prefill_samples_what_plain_copies_would(policy):
+    """Encoding each prompt once and repeating its cache G times gives the same samples as G copies."""
+    import torch
+
+    items = [item(0, "a longer question " * 5), item(1, "short")]
+    prompts = [policy._prompt(i.question) for i in items]
+    enc = policy.tokenizer(prompts, return_tensors="pt", padding=True, **policy._prompt_kwargs())
+    common = dict(do_sample=True, top_k=0, max_new_tokens=12, pad_token_id=policy.tokenizer.pad_token_id,
+                  eos_token_id=policy._eos_ids)
+    with torch.inference_mode():
+        torch.manual_seed(5)
+        plain = policy.model.generate(**enc, num_return_sequences=3, **common)
+        shared_inputs = policy._shared_prefill(enc, 3)
+        torch.manual_seed(5)
+        shared = policy.model.generate(**shared_inputs, **common)
+    assert len(shared_inputs) == 3  # the cache is really passed
+    assert torch.equal(plain, shared)

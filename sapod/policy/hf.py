@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from sapod.advantages import group_advantages, has_signal
 from sapod.errors import ConfigError, ModelLoadError
@@ -153,6 +153,31 @@ class HFPolicy:
         non_pad = (new != self.tokenizer.pad_token_id).sum(dim=1)
         return torch.where(is_eos.any(dim=1), first + 1, non_pad)
 
+    def _shared_prefill(self, enc, g: int) -> dict:
+        """Inputs for one generate call over I prompts x G samples that encodes each prompt once.
+
+        ``num_return_sequences`` would copy every prompt G times before the forward pass,
+        so a long prompt would be encoded G times. Instead the prompts (all but their last
+        token) go through the model once, the cache is repeated G times per row, and
+        generate continues from it: the same samples for the same seed, at 1/G of the
+        prompt cost. Models whose cache cannot be repeated fall back to plain copies.
+        """
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        plain = {"input_ids": ids.repeat_interleave(g, 0), "attention_mask": attn.repeat_interleave(g, 0)}
+        if ids.shape[1] < 2:
+            return plain
+        # transformers renamed ``past_key_values`` to ``cache``; take whichever this one has.
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        try:
+            cache = DynamicCache(config=self.model.config)
+            positions = (attn.cumsum(-1) - 1).clamp(min=0)
+            self.model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1], position_ids=positions[:, :-1],
+                       use_cache=True, **{name: cache})
+            cache.batch_repeat_interleave(g)
+        except (TypeError, ValueError, AttributeError, NotImplementedError):
+            return plain
+        return {**plain, name: cache}
+
     # -- Policy --------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -170,14 +195,13 @@ class HFPolicy:
             torch.cuda.manual_seed_all(seed)
         with self._autocast():
             out = self.model.generate(
-                **enc,
+                **self._shared_prefill(enc, num_generations),
                 do_sample=True,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 top_k=0,
                 repetition_penalty=1.0,
                 max_new_tokens=self.max_new_tokens,
-                num_return_sequences=num_generations,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self._eos_ids,
             )
