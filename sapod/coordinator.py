@@ -30,7 +30,7 @@ class Coordinator(Node):
         await self.set_phase("register")
         settings = await self.io(self._ensure_experiment)
         self.reader = StateReader(self.root)
-        self.table = PeerTable(self.root, self.cfg.peer_timeout)
+        self.table = PeerTable.shared(self.root, self.cfg.peer_timeout)
         state = await self.io(self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
         self._accepted: dict[str, Submission] = {}

@@ -19,7 +19,7 @@ from sapod.logs import get_logger
 from sapod.sampling import select_external
 from sapod.schema import ROLLOUTS, ClaimedItem, Rollouts, envelope, parse_rollouts
 from sapod.store import ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_json, read_json_sized
-from sapod.tasks import TaskSource, jsonable
+from sapod.tasks import TaskSource
 from sapod.types import Group, TaskItem
 
 
@@ -40,7 +40,7 @@ def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
         if node_id == me or node_id in result.rollouts:
             continue
 
-        def load(p: Path, node_id: str = node_id) -> tuple[Any, int]:
+        def load(p: str, node_id: str = node_id) -> tuple[Any, int]:
             try:
                 doc, size = read_json_sized(p, ROLLOUT_FILE_MAX)
                 return (None if doc is None else parse_rollouts(doc, node_id, round_, stage)), size
@@ -99,7 +99,7 @@ def rollouts_doc(node_id: str, instance: str, round_: int, stage: int, epoch: in
     doc = envelope(ROLLOUTS, node_id, instance, round_, stage, epoch)
     doc["model"] = model
     doc["items"] = [{"task": it.task, "seed": it.seed, "index": it.index, "question": it.question,
-                     "answer": it.answer, "metadata": jsonable(it.metadata), "completions": list(comps)}
+                     "answer": it.answer, "metadata": it.metadata, "completions": list(comps)}
                     for it, comps in zip(items, completions)]
     return doc
 

@@ -8,7 +8,9 @@ never compared.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,23 @@ class _Seen:
 
 
 class PeerTable:
+    _shared: weakref.WeakValueDictionary[tuple[str, float], PeerTable] = weakref.WeakValueDictionary()
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, root: Path, timeout: float) -> PeerTable:
+        """One table per (folder, timeout) for all the nodes of a process.
+
+        Every node needs the same view of peers/, judged on the same clock; with N
+        nodes in one process, separate tables would read N heartbeats N times over.
+        """
+        key = (str(root), timeout)
+        with cls._shared_lock:
+            table = cls._shared.get(key)
+            if table is None:
+                table = cls._shared[key] = cls(root, timeout)
+            return table
+
     def __init__(self, root: Path, timeout: float, clock: Callable[[], float] = time.monotonic):
         self.root = root
         self.timeout = timeout
@@ -37,6 +56,7 @@ class PeerTable:
         self._rejected: dict[str, str] = {}
         self._log = get_logger()
         self._refreshed_at: float | None = None
+        self._lock = threading.Lock()
 
     def refresh(self, max_age: float = 0.0) -> None:
         """Re-read peers/, unless the last read is younger than ``max_age`` seconds.
@@ -44,6 +64,10 @@ class PeerTable:
         Reading every heartbeat on every file event costs N reads per event, N^2 per
         round; heartbeats only move every HEARTBEAT_INTERVAL anyway.
         """
+        with self._lock:  # nodes of one process may share this table from I/O threads
+            self._refresh(max_age)
+
+    def _refresh(self, max_age: float) -> None:
         now = self.clock()
         if self._refreshed_at is not None and now - self._refreshed_at < max_age:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sapod import paths
@@ -23,8 +24,19 @@ class StateReader:
         self.current: State | None = None
         self._last_reason: str | None = None
         self._log = get_logger()
+        self._seen_file: tuple[int, int, int] | None = None
 
     def read(self) -> State | None:
+        # The pointer is replaced whole (new inode) on every change: one stat tells
+        # whether there is anything new to read.
+        try:
+            st = os.stat(paths.state_file(self.root))
+            ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            ident = None
+        if ident is not None and ident == self._seen_file:
+            return self.current
+        self._seen_file = ident
         try:
             doc = read_json(paths.state_file(self.root))
             if doc is None:

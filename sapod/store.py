@@ -96,7 +96,7 @@ def parse_json_bytes(data: bytes) -> dict[str, Any]:
     return obj
 
 
-def read_json(path: Path, max_bytes: int = SMALL_FILE_MAX) -> dict[str, Any] | None:
+def read_json(path: str | Path, max_bytes: int = SMALL_FILE_MAX) -> dict[str, Any] | None:
     """The parsed object, None when the file is absent, Rejected when it is bad.
 
     Opens without following symlinks and checks the size before reading, so a
@@ -105,7 +105,7 @@ def read_json(path: Path, max_bytes: int = SMALL_FILE_MAX) -> dict[str, Any] | N
     return read_json_sized(path, max_bytes)[0]
 
 
-def read_json_sized(path: Path, max_bytes: int = SMALL_FILE_MAX) -> tuple[dict[str, Any] | None, int]:
+def read_json_sized(path: str | Path, max_bytes: int = SMALL_FILE_MAX) -> tuple[dict[str, Any] | None, int]:
     """``read_json`` and the number of bytes read."""
     IO["reads"] += 1
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -146,13 +146,17 @@ def list_node_files(directory: Path) -> dict[str, Path]:
     Conflict copies (``w1 (1).json``), temp files, ``.nfs*`` leftovers, symlinks
     and folders are ignored. A missing folder is an empty listing.
     """
-    return {node: path for node, (path, _) in list_node_entries(directory).items()}
+    return {node: Path(path) for node, (path, _) in list_node_entries(directory).items()}
 
 
-def list_node_entries(directory: Path) -> dict[str, tuple[Path, int]]:
-    """Like ``list_node_files``, with each file's inode number (free from the listing)."""
+def list_node_entries(directory: Path) -> dict[str, tuple[str, int]]:
+    """Like ``list_node_files``, with each file's inode number (free from the listing).
+
+    Paths are plain strings: this runs on every wake of every node, and building a
+    Path per entry costs more than the listing itself.
+    """
     IO["listings"] += 1
-    found: dict[str, tuple[Path, int]] = {}
+    found: dict[str, tuple[str, int]] = {}
     try:
         with os.scandir(directory) as it:
             for entry in it:
@@ -164,7 +168,7 @@ def list_node_entries(directory: Path) -> dict[str, tuple[Path, int]]:
                         continue
                 except OSError:
                     continue
-                found[m.group(1)] = (Path(entry.path), entry.inode())
+                found[m.group(1)] = (entry.path, entry.inode())
     except FileNotFoundError:
         return {}
     return found
@@ -185,9 +189,9 @@ class WriteOnceCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, path: Path, inode: int, load: Callable[[Path], tuple[Any, int]]) -> Any:
+    def get(self, path: str, inode: int, load: Callable[[str], tuple[Any, int]]) -> Any:
         """``load(path) -> (value, size)``; an exception value (Rejected) is re-raised."""
-        key = (str(path), inode)
+        key = (path, inode)
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:

@@ -196,6 +196,14 @@ def _safe_for_eval(answer: str, gold: Any) -> str | None:
     return repr(value)  # eval(repr(literal)) rebuilds the literal and nothing else
 
 
+@functools.lru_cache(maxsize=4096)
+def _rg_item(task: str, seed: int, index: int) -> TaskItem:
+    """The item with JSON-safe metadata, built once (callers must not mutate it)."""
+    e = _rg_entry(task, seed, index)
+    meta = jsonable(e.get("metadata") or {})
+    return TaskItem(task, seed, index, str(e["question"]), _answer_text(e.get("answer")), meta)
+
+
 def _answer_text(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -231,9 +239,7 @@ class ReasoningGymSource:
         self.system_prompt = default_system_prompt()
 
     def _item(self, task: str, seed: int, index: int) -> TaskItem:
-        e = _rg_entry(task, seed, index)
-        meta = jsonable(e.get("metadata") or {})
-        return TaskItem(task, seed, index, str(e["question"]), _answer_text(e.get("answer")), meta)
+        return _rg_item(task, seed, index)
 
     def sample(self, n: int, seed: int) -> list[TaskItem]:
         if not 0 <= n <= MAX_INDEX + 1:

@@ -73,7 +73,7 @@ class Worker(Node):
             raise StartupError(f"TASKS={self.cfg.tasks!r}: {exc}") from None
         await self._resume()
         self.reader = StateReader(self.root)
-        self.table = PeerTable(self.root, self.cfg.peer_timeout)
+        self.table = PeerTable.shared(self.root, self.cfg.peer_timeout)
         await self.progress("started", model=self.cfg.model, resumed_round=self.last_round)
         try:
             while not self.stop.is_set():
