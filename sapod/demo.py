@@ -17,7 +17,7 @@ from sapod.config import Config, add_arguments, build_config
 from sapod.daemon import run_loop
 from sapod.errors import ModelLoadError
 from sapod.logs import configure_logging
-from sapod.progress import metrics_summary
+from sapod.progress import metrics_summary, read_jsonl
 from sapod.schema import parse_submission
 from sapod.state import StateReader
 from sapod.store import list_node_files, read_json
@@ -120,8 +120,7 @@ class _RoundReporter:
     def __init__(self, cfg: Config, workers: list[str]):
         self.cfg, self.workers = cfg, workers
         self.reader = StateReader(cfg.root)
-        self.reported, self.t_last = -1, time.monotonic()
-        self.t0 = self.t_last
+        self.reported, self.t0 = -1, time.monotonic()
         self.tty = sys.stdout.isatty()
 
     def report(self) -> None:
@@ -129,16 +128,20 @@ class _RoundReporter:
         if state is None:
             return
         done = state.round - 1 if state.status == "open" else state.round
+        if self.reported >= done:
+            return
+        # The coordinator's own open-to-advance time for each round, not when we noticed it.
+        seconds = {e.get("round"): e.get("seconds") for e in read_jsonl(paths.progress_file(self.cfg.root, "coordinator"))
+                   if e.get("event") == "round_complete"}
         while self.reported < done:
             self.reported += 1
             rewards = _round_rewards(self.cfg.root, self.reported)
             cells = "  ".join(f"{w} {rewards[w][0]:.3f} ({rewards[w][1]} ext)" if w in rewards else f"{w} -"
                               for w in self.workers)
-            now = time.monotonic()
+            took = seconds.get(self.reported)
+            took_text = f"{took:5.1f}s" if isinstance(took, (int, float)) else "    ?"
             clear = "\r" + " " * 72 + "\r" if self.tty else ""
-            _out(f"{clear}round {self.reported + 1}/{self.cfg.max_rounds} done in {now - self.t_last:5.1f}s   "
-                 f"reward: {cells}")
-            self.t_last = now
+            _out(f"{clear}round {self.reported + 1}/{self.cfg.max_rounds} done in {took_text}   reward: {cells}")
         if self.tty and self.reported + 1 < self.cfg.max_rounds:
             self._bar(state.round)
 
