@@ -52,8 +52,8 @@ async def run_swarm(shared: Path, n: int, rounds: int, mode: str, poll: float) -
     return time.monotonic() - t0
 
 
-def bench(n: int, rounds: int, mode: str, poll: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="sapod-bench-") as tmp:
+def bench(n: int, rounds: int, mode: str, poll: float, where: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="sapod-bench-", dir=where) as tmp:
         IO.clear()
         wall = run_loop(run_swarm(Path(tmp), n, rounds, mode, poll))
         ops = dict(IO)
@@ -63,7 +63,7 @@ def bench(n: int, rounds: int, mode: str, poll: float) -> dict:
     span = float(events[-1]["ts"]) - float(events[0]["ts"]) if len(events) > 1 else wall
     node_rounds = n * rounds
     return {
-        "mode": mode, "nodes": n, "rounds": rounds, "poll_interval": poll,
+        "mode": mode, "nodes": n, "rounds": rounds, "poll_interval": poll, "folder": where or tempfile.gettempdir(),
         "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
         "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
         "per_node_round": {k: ops.get(k, 0) / node_rounds for k in ("files_written", "appends", "reads", "listings")},
@@ -76,6 +76,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=30, help="rounds per run [30]")
     ap.add_argument("--modes", default="inotify,poll", help="watch modes [inotify,poll]")
     ap.add_argument("--poll-interval", type=float, default=0.5, help="POLL_INTERVAL in seconds [0.5]")
+    ap.add_argument("--dir", help="where the shared folder is made (a tmpfs such as /dev/shm separates the "
+                                  "protocol's cost from the disk's) [the system temp folder]")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     args = ap.parse_args()
     configure_logging("json", "warning", stream=sys.stderr)
@@ -84,7 +86,7 @@ def main() -> int:
           f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
     for mode in args.modes.split(","):
         for n in (int(x) for x in args.nodes.split(",")):
-            r = bench(n, args.rounds, mode, args.poll_interval)
+            r = bench(n, args.rounds, mode, args.poll_interval, args.dir)
             results.append(r)
             p = r["per_node_round"]
             print(f"{mode:<8}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}"
