@@ -19,24 +19,28 @@ class StateReader:
     ignored, so no reader ever sees the swarm go backwards.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, trust_stat: bool = False):
         self.root = root
+        # Only on a local disk does a stat see every change: NFS and FUSE mounts cache
+        # attributes for up to a minute, and only an open revalidates them.
+        self.trust_stat = trust_stat
         self.current: State | None = None
         self._last_reason: str | None = None
         self._log = get_logger()
         self._seen_file: tuple[int, int, int] | None = None
 
     def read(self) -> State | None:
-        # The pointer is replaced whole (new inode) on every change: one stat tells
-        # whether there is anything new to read.
-        try:
-            st = os.stat(paths.state_file(self.root))
-            ident = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            ident = None
-        if ident is not None and ident == self._seen_file:
-            return self.current
-        self._seen_file = ident
+        # The pointer is replaced whole (new inode) on every change: on a local disk one
+        # stat tells whether there is anything new to read.
+        if self.trust_stat:
+            try:
+                st = os.stat(paths.state_file(self.root))
+                ident: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+            except OSError:
+                ident = None
+            if ident is not None and ident == self._seen_file:
+                return self.current
+            self._seen_file = ident
         try:
             doc = read_json(paths.state_file(self.root))
             if doc is None:

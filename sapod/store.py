@@ -179,8 +179,9 @@ class WriteOnceCache:
 
     Keyed by (path, inode): a file published with ``os.replace`` gets a new inode,
     so a replaced file is read again. With N nodes in one process, each peer file is
-    opened and parsed once per process instead of once per node. Rejections are
-    remembered too, so a hostile file costs one read. Bounded by total bytes.
+    opened and parsed once per process instead of once per node. Only files that
+    parsed are kept: a rejected one may be a file still syncing in place (FUSE
+    mounts keep the inode), so it is read again next time. Bounded by total bytes.
     """
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024):
@@ -200,12 +201,12 @@ class WriteOnceCache:
             hit = load(path)
             if hit[0] is None:  # not there yet: nothing to remember
                 return None
+            if isinstance(hit[0], Rejected):
+                raise hit[0]
             with self._lock:
                 self._items[key] = hit
                 self._bytes += hit[1]
                 while self._bytes > self.max_bytes and len(self._items) > 1:
                     _, (_, size) = self._items.popitem(last=False)
                     self._bytes -= size
-        if isinstance(hit[0], Rejected):
-            raise hit[0]
         return hit[0]

@@ -72,7 +72,7 @@ class Worker(Node):
         except ValueError as exc:
             raise StartupError(f"TASKS={self.cfg.tasks!r}: {exc}") from None
         await self._resume()
-        self.reader = StateReader(self.root)
+        self.reader = StateReader(self.root, trust_stat=self.inline_io)
         self.table = PeerTable.shared(self.root, self.cfg.peer_timeout)
         await self.progress("started", model=self.cfg.model, resumed_round=self.last_round)
         try:

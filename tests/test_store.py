@@ -98,3 +98,48 @@ def test_listing_matches_names_strictly(tmp_path):
 def test_node_id_rule(node_id, ok):
     """node_id matches [A-Za-z0-9][A-Za-z0-9_.-]{0,63}."""
     assert valid_node_id(node_id) is ok
+
+
+def test_write_once_cache_reads_each_file_once_but_retries_rejections(tmp_path):
+    """Parsed files are read once per (path, inode); a file rejected (still syncing in place) is read again."""
+    from sapod.errors import Rejected
+    from sapod.store import WriteOnceCache, list_node_entries, read_json_sized
+
+    cache = WriteOnceCache()
+    loads = []
+
+    def load(p):
+        loads.append(p)
+        try:
+            return read_json_sized(p)
+        except Rejected as exc:
+            return exc, 0
+
+    good = tmp_path / "w1.json"
+    atomic_write_json(good, {"x": 1})
+    torn = tmp_path / "w2.json"
+    torn.write_text('{"x": ')
+    entries = list_node_entries(tmp_path)
+    assert cache.get(*entries["w1"], load) == {"x": 1}
+    assert cache.get(*entries["w1"], load) == {"x": 1}
+    with pytest.raises(Rejected):
+        cache.get(*entries["w2"], load)
+    with open(torn, "r+") as fh:  # completed in place: same inode
+        fh.write('{"x": 2}')
+    assert cache.get(*list_node_entries(tmp_path)["w2"], load) == {"x": 2}
+    assert loads.count(str(good)) == 1 and loads.count(str(torn)) == 2
+
+
+def test_state_reader_trusts_stat_only_on_local_disks(tmp_path):
+    """On a local disk an unchanged state file costs one stat; elsewhere every read opens the file."""
+    from sapod import schema
+    from sapod.state import StateReader
+    from sapod.store import IO
+
+    atomic_write_json(paths.state_file(tmp_path), schema.state_doc(schema.State(1, 0, 1, 1, "open", 0.0, "c", "i")))
+    for trust, reads in ((True, 1), (False, 3)):
+        reader = StateReader(tmp_path, trust_stat=trust)
+        before = IO["reads"]
+        for _ in range(3):
+            assert reader.read().round == 1
+        assert IO["reads"] - before == reads
