@@ -15,7 +15,7 @@ from typing import Any
 from sapod import paths
 from sapod.config import Config, add_arguments, build_config
 from sapod.daemon import run_loop
-from sapod.errors import ModelLoadError
+from sapod.errors import ModelLoadError, Rejected
 from sapod.logs import configure_logging
 from sapod.progress import metrics_summary, read_jsonl
 from sapod.schema import parse_submission
@@ -169,8 +169,8 @@ def _round_rewards(root: Path, round_: int) -> dict[str, tuple[float, int]]:
             if doc is not None:
                 sub = parse_submission(doc, node_id, round_, 0)
                 out[node_id] = (sub.reward_mean, sub.n_external)
-        except Exception:
-            continue
+        except Rejected:
+            continue  # a bad submission is the coordinator's to report
     return out
 
 

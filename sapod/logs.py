@@ -16,12 +16,9 @@ import structlog
 
 from sapod.store import IO, dumps
 
-_configured = False
-
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
-    """Configure structlog once per process (later calls change the level and format only)."""
-    global _configured
+    """Configure structlog for the process: JSON lines or the console view, at ``level``."""
     stream = stream or sys.stdout
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     processors: list[Any] = [
@@ -39,7 +36,6 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    _configured = True
 
 
 def get_logger(name: str = "sapod") -> Any:

@@ -18,10 +18,6 @@ class Notifier:
         self._sock: socket.socket | None = None
         self._warned = False
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def send(self, *lines: str) -> bool:
         if not self.address:
             return False

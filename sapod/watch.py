@@ -170,9 +170,6 @@ class Watcher:
                 self.degraded = True
                 self._log.warning("watch_failed", folder=folder, error=str(exc))
 
-    def poke(self) -> None:
-        self._wake.set()
-
     async def wait(self, timeout: float) -> bool:
         """Until an event or ``timeout`` seconds; True if an event woke us."""
         try:

@@ -52,6 +52,8 @@ class Worker(Node):
         self.last_round = -1  # last round this node finished (trained on)
         self.dirty = False  # model changed since the last checkpoint
         self.gpu_abandoned = False
+        # Only the first round this instance runs can hold files of an earlier instance.
+        self._first_round = True
 
     async def main(self) -> None:
         await self.set_phase("register")
@@ -159,7 +161,8 @@ class Worker(Node):
         r, s, cfg = state.round, state.stage, self.cfg
         self.round = r
         structlog.contextvars.bind_contextvars(round=r, stage=s)
-        if await self.io(read_json, paths.reward_file(self.root, r, s, self.node_id)) is not None:
+        first, self._first_round = self._first_round, False
+        if first and await self.io(read_json, paths.reward_file(self.root, r, s, self.node_id)) is not None:
             self.log.info("already_submitted", round=r)  # a restart after submitting
             self.last_round = r
             return
@@ -167,7 +170,7 @@ class Worker(Node):
         await self.set_phase("generate")
         t0 = time.monotonic()
         tokens = 0
-        earlier = await self.io(own_rollouts, self.root, r, s, self.node_id, self.tasks)
+        earlier = await self.io(own_rollouts, self.root, r, s, self.node_id, self.tasks) if first else None
         if earlier is not None:
             items, completions = earlier
             self.log.info("reusing_published_rollouts", round=r)
