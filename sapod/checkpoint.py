@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sapod import paths, schema
+from sapod import failpoints, paths, schema
 from sapod.errors import Rejected
 from sapod.policy.base import Policy
 from sapod.store import atomic_write_json, read_json
@@ -31,6 +31,7 @@ def save_checkpoint(root: Path, node_id: str, round_: int, policy: Policy, count
     tmp.mkdir()
     try:
         policy.save(tmp)
+        failpoints.hit("checkpoint")
         atomic_write_json(tmp / COUNTERS, {"schema": schema.CHECKPOINT, "node_id": node_id, "round": round_,
                                            **counters})
         atomic_write_json(paths.complete_marker(tmp), {"node_id": node_id, "round": round_})
@@ -42,6 +43,18 @@ def save_checkpoint(root: Path, node_id: str, round_: int, policy: Policy, count
         raise
     prune_checkpoints(root, node_id, keep)
     return final
+
+
+def free_bytes(root: Path) -> int:
+    """Free space where checkpoints go (the nearest folder that exists)."""
+    where = paths.checkpoints_dir(root)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
+def dir_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
 def list_checkpoints(root: Path, node_id: str) -> list[tuple[int, Path]]:

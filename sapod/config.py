@@ -125,7 +125,9 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 # Facts the service manager puts in the environment; no flags.
-ENV_FACTS = {"notify_socket": "NOTIFY_SOCKET", "watchdog_usec": "WATCHDOG_USEC"}
+ENV_FACTS = {"notify_socket": "NOTIFY_SOCKET", "watchdog_usec": "WATCHDOG_USEC",
+             # Fault injection for the chaos harness (sapod/failpoints.py); never set in production.
+             "failpoints": "SAPOD_FAILPOINTS"}
 
 BY_FIELD = {o.field: o for o in OPTIONS}
 
@@ -168,6 +170,7 @@ class Config:
     log_file_max_mb: float
     notify_socket: str | None = None  # systemd Type=notify
     watchdog_usec: int = 0  # systemd WatchdogSec, in microseconds
+    failpoints: str = ""
 
     @property
     def root(self) -> Path:
@@ -244,6 +247,13 @@ def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = N
         values["watchdog_usec"] = int(environ.get(ENV_FACTS["watchdog_usec"], "0") or 0)
     except ValueError:
         values["watchdog_usec"] = 0  # set by systemd; a garbled value just turns the watchdog off
+    values["failpoints"] = environ.get(ENV_FACTS["failpoints"], "")
+    try:
+        from sapod.failpoints import parse
+
+        parse(values["failpoints"])
+    except ValueError as exc:
+        raise ConfigError(f"SAPOD_FAILPOINTS: {exc}") from None
     return Config(**values)
 
 

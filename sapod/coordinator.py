@@ -18,7 +18,8 @@ from sapod.errors import Displaced, Rejected
 from sapod.housekeeping import tidy_for
 from sapod.node import Node
 from sapod.peers import PeerTable
-from sapod.schema import State, Submission, parse_submission
+from sapod.rounds import TIMED_OUT, RoundBook
+from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_files, read_json
 
@@ -33,28 +34,32 @@ class Coordinator(Node):
         self.table = PeerTable.shared(self.root, self.cfg.peer_timeout)
         state = await self.io(self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
-        self._accepted: dict[str, Submission] = {}
-        self._rejected: dict[str, str] = {}
+        book = RoundBook(state.round, state.stage)
         opened = time.monotonic()
         while not self.stop.is_set() and state.status == "open":
             self.round = state.round
             structlog.contextvars.bind_contextvars(round=state.round, stage=state.stage)
             if self.phase != "collect":
                 await self.set_phase("collect")
-            # Watch first, then look, then wait: a submission that landed before the
-            # watch existed is found by the look, not by the next rescan.
-            self.watch(paths.peers_dir(self.root), paths.rewards_dir(self.root, state.round, state.stage))
-            await self.io(self.table.refresh, self.peer_refresh_age)
-            await self.io(self._collect, state)
-            submitted = set(self._accepted)
-            if submitted and self.table.live("worker") <= submitted:
-                await self.io(self.table.refresh)  # about to advance: make sure no newcomer is missed
-            live = self.table.live("worker")
-            timed_out = time.monotonic() - opened >= self.cfg.round_timeout
-            if submitted and (live <= submitted or timed_out):
-                state = await self._advance(state, live, submitted, timed_out, time.monotonic() - opened)
-                opened = time.monotonic()
-                self.poll_soon()
+            try:
+                # Watch first, then look, then wait: a submission that landed before the
+                # watch existed is found by the look, not by the next rescan.
+                self.watch(paths.peers_dir(self.root), paths.rewards_dir(self.root, state.round, state.stage))
+                await self.io(self.table.refresh, self.peer_refresh_age)
+                await self.io(self._collect, book)
+                if book.accepted and self.table.live("worker") <= book.accepted.keys():
+                    await self.io(self.table.refresh)  # about to advance: make sure no newcomer is missed
+                reason = book.decide(self.table.live("worker"), time.monotonic() - opened, self.cfg.round_timeout)
+                if reason is not None:
+                    state = await self._advance(state, book, reason, time.monotonic() - opened)
+                    book = RoundBook(state.round, state.stage)
+                    opened = time.monotonic()
+                    self.poll_soon()
+                    self.io_ok()
+                    continue
+                self.io_ok()
+            except OSError as exc:
+                await self.io_trouble(exc, self.phase)
                 continue
             await self.wait_event()
         if state.status == "finished":
@@ -102,30 +107,33 @@ class Coordinator(Node):
                                  (seen.epoch == self.epoch and seen.instance != self.instance)):
             raise Displaced(f"coordinator {seen.coordinator} (epoch {seen.epoch}) took over")
 
-    def _collect(self, state: State) -> None:
-        folder = paths.rewards_dir(self.root, state.round, state.stage)
+    def _collect(self, book: RoundBook) -> None:
+        folder = paths.rewards_dir(self.root, book.round, book.stage)
         for node_id, path in list_node_files(folder).items():
-            if node_id in self._accepted:
+            if book.counted(node_id):
                 continue
             try:
-                doc = read_json(path, ROLLOUT_FILE_MAX)
-                if doc is None:
-                    continue
-                self._accepted[node_id] = parse_submission(doc, node_id, state.round, state.stage)
+                doc: dict[str, Any] | Rejected | None = read_json(path, ROLLOUT_FILE_MAX)
             except Rejected as exc:
-                if self._rejected.get(node_id) != exc.reason:
-                    self._rejected[node_id] = exc.reason
-                    self.log.warning("submission_rejected", peer=node_id, reason=exc.reason)
+                doc = exc
+            reason = book.offer(node_id, doc)
+            if reason is not None:
+                self.log.warning("submission_rejected", peer=node_id, reason=reason)
 
-    async def _advance(self, state: State, live: set[str], submitted: set[str], timed_out: bool,
-                       seconds: float) -> State:
+    async def _advance(self, state: State, book: RoundBook, reason: str, seconds: float) -> State:
+        """Close the round: one last look, the tally, then the next state.
+
+        The tally (rewards/round_r/stage_s/_tally.json) is written before the state
+        moves on: it is the record of which submissions counted. A coordinator killed
+        between the two writes reopens the same round and writes it again.
+        """
+        collected_at = time.time()
+        await self.io(self._collect, book)  # the last look: nothing that landed before it is left out
         await self.io(self._fence)
-        mean = sum(s.reward_mean for s in self._accepted.values()) / len(self._accepted)
-        missing = sorted(live - submitted)
-        self.log.info("round_complete", round=state.round, submitted=sorted(submitted), missing=missing,
-                      timed_out=timed_out, seconds=round(seconds, 3), reward_mean=round(mean, 4))
-        await self.progress("round_complete", round=state.round, submitted=sorted(submitted), missing=missing,
-                            timed_out=timed_out, seconds=seconds, reward_mean=mean)
+        live = self.table.live("worker")
+        tally = book.tally(live=live, reason=reason, coordinator=self.node_id, instance=self.instance,
+                           epoch=self.epoch, seconds=seconds, collected_at=collected_at, closed_at=time.time())
+        await self.publish(paths.tally_file(self.root, state.round, state.stage), tally)
         nxt = state.round + 1
         if nxt >= self.cfg.max_rounds:
             new = State(state.round, state.stage, state.epoch, state.seq + 1, "finished", state.opened_at,
@@ -134,7 +142,11 @@ class Coordinator(Node):
             new = State(nxt, 0, state.epoch, state.seq + 1, "open", time.time(), self.node_id, self.instance)
         await self.publish(paths.state_file(self.root), schema.state_doc(new))
         self.reader.current = new
-        self._accepted, self._rejected = {}, {}
+        submitted, missing, mean = sorted(book.accepted), tally["missing"], book.mean_reward()
+        self.log.info("round_complete", round=state.round, submitted=submitted, missing=missing,
+                      timed_out=reason == TIMED_OUT, seconds=round(seconds, 3), reward_mean=round(mean, 4))
+        await self.progress("round_complete", round=state.round, submitted=submitted, missing=missing,
+                            timed_out=reason == TIMED_OUT, seconds=seconds, reward_mean=mean)
         await self.io(self.records.flush)
         if new.status == "open":
             tidied = await self.io(tidy_for, self.cfg, new.round)

@@ -82,6 +82,10 @@ def run_node(cfg: Config) -> int:
     # Only into a shared folder that is there: never create one under an unmounted mount point.
     shared_logs = (capture_to_shared(paths.logs_dir(cfg.root, cfg.node_id), int(cfg.log_file_max_mb * 2**20))
                    if cfg.log_to_shared and cfg.shared.is_dir() else [])
+    if cfg.failpoints:
+        from sapod import failpoints
+
+        failpoints.configure(cfg.failpoints)
     try:
         configure_logging(cfg.log_format, cfg.log_level)
         code = run_loop(serve(cfg))

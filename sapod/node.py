@@ -9,7 +9,9 @@ exit code.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import random
 import socket
 import time
 import uuid
@@ -28,6 +30,7 @@ from sapod.store import atomic_write_json, read_json
 from sapod.watch import Watcher, is_remote, mount_fstype, pick_watch_mode
 
 T = TypeVar("T")
+BACKOFF_MAX = 60.0  # seconds between retries of a failing shared folder, at most
 
 
 class Node:
@@ -57,6 +60,8 @@ class Node:
         # How stale a cached view of peers/ may be: heartbeats move only this often.
         self.peer_refresh_age = min(cfg.heartbeat_interval, cfg.peer_timeout / 4)
         self._hot_until = 0.0
+        self._io_failures = 0
+        self._degraded_since = 0.0
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
@@ -124,7 +129,7 @@ class Node:
         if self.watcher is not None:
             self.watcher.close()
         if self._displaced is None and self.phase != "starting":
-            if self.status == "running":
+            if self.status in ("running", "degraded"):
                 self.status = "stopped"
             try:
                 await self.heartbeat()  # the final one says we are gone
@@ -194,6 +199,41 @@ class Node:
                 return
             except OSError as exc:
                 self.log.warning("heartbeat_failed", error=str(exc))
+
+    # -- trouble with the shared folder ------------------------------------------------
+    async def io_trouble(self, exc: OSError, where: str) -> None:
+        """A file operation on the shared folder failed (EIO, ENOTCONN, ESTALE, a
+        throttled FUSE call, ENOSPC...): report ourselves degraded, back off, carry on.
+
+        Nothing on a network mount fails for good in a way a restart would fix, so the
+        node stays up and retries: POLL_INTERVAL doubling per consecutive failure, with
+        jitter (nodes throttled together should not retry together), at most 60 s.
+        """
+        self._io_failures += 1
+        delay = min(BACKOFF_MAX, self.cfg.poll_interval * 2 ** min(self._io_failures - 1, 16))
+        delay *= random.uniform(0.5, 1.0)
+        if self.status == "running":
+            self.status = "degraded"
+            self._degraded_since = time.monotonic()
+        self.log.warning("io_error", where=where, errno=errno.errorcode.get(exc.errno or 0, exc.errno),
+                         error=str(exc)[:300], failures=self._io_failures, retry_in=round(delay, 2))
+        await self.nap(delay)
+
+    def io_ok(self) -> None:
+        """A round of file work went through: no longer degraded."""
+        if self._io_failures:
+            self.log.info("recovered", failures=self._io_failures,
+                          degraded_seconds=round(time.monotonic() - self._degraded_since, 3))
+            self._io_failures = 0
+            if self.status == "degraded":
+                self.status = "running"
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep, but wake at once for a stop request."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def check_displaced(self) -> None:
         if self._displaced is not None:

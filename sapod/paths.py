@@ -52,6 +52,11 @@ def reward_file(root: Path, round_: int, stage: int, node_id: str) -> Path:
     return rewards_dir(root, round_, stage) / f"{node_id}.json"
 
 
+def tally_file(root: Path, round_: int, stage: int) -> Path:
+    # A leading underscore can never be a node id: no node's submission can take this name.
+    return rewards_dir(root, round_, stage) / "_tally.json"
+
+
 def checkpoints_dir(root: Path) -> Path:
     return root / "checkpoints"
 

@@ -21,6 +21,7 @@ PEER = "sapod.peer/1"
 ROLLOUTS = "sapod.rollouts/1"
 REWARDS = "sapod.rewards/1"
 CHECKPOINT = "sapod.checkpoint/1"
+TALLY = "sapod.tally/1"
 
 MAX_TEXT = 64 * 1024  # one question or completion
 MAX_ITEMS = 256
@@ -226,6 +227,41 @@ def parse_submission(d: dict[str, Any], node_id: str, round_: int, stage: int) -
         n_local=_int(d, "n_local"), n_external=_int(d, "n_external"), external_from=tuple(ext),
         cumulative_reward=_num(d, "cumulative_reward"),
     )
+
+
+# -- tally (what closed a round) -----------------------------------------------
+
+@dataclass(frozen=True)
+class Tally:
+    round: int
+    stage: int
+    epoch: int
+    coordinator: str
+    reason: str
+    counted: dict[str, float]  # node_id -> reward_mean of the submission that counted
+    missing: tuple[str, ...]
+    collected_at: float
+    closed_at: float
+
+
+def parse_tally(d: dict[str, Any], round_: int, stage: int) -> Tally:
+    check_envelope(d, TALLY)
+    _same_slot(d, round_, stage)
+    reason = _str(d, "reason", 32)
+    counted_raw = _get(d, "counted", dict)
+    missing = _get(d, "missing", list)
+    if len(counted_raw) > 4096 or len(missing) > 4096:
+        raise Rejected("tally too large")
+    counted = {}
+    for node_id, sub in counted_raw.items():
+        if not valid_node_id(node_id) or not isinstance(sub, dict):
+            raise Rejected("bad counted entry")
+        counted[node_id] = _num(sub, "reward_mean")
+    if not all(isinstance(x, str) and valid_node_id(x) for x in missing):
+        raise Rejected("bad missing list")
+    return Tally(round=round_, stage=stage, epoch=_int(d, "epoch"), coordinator=_str(d, "node_id", 64),
+                 reason=reason, counted=counted, missing=tuple(missing),
+                 collected_at=_num(d, "collected_at"), closed_at=_num(d, "closed_at"))
 
 
 # -- experiment -----------------------------------------------------------------

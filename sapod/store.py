@@ -17,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from sapod import failpoints
 from sapod.errors import Rejected
 
 NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
@@ -61,6 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """
     IO["files_written"] += 1
     path.parent.mkdir(parents=True, exist_ok=True)
+    failpoints.hit("write")
     # The leading dot keeps the temp name from ever matching a reader's name pattern.
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -158,13 +162,16 @@ def list_node_entries(directory: Path) -> dict[str, tuple[str, int]]:
     IO["listings"] += 1
     found: dict[str, tuple[str, int]] = {}
     try:
+        failpoints.hit("list")
         with os.scandir(directory) as it:
             for entry in it:
                 m = NODE_FILE_RE.match(entry.name)
                 if not m or not valid_node_id(m.group(1)):
+                    _ignored(entry.path, "name is not {node_id}.json")
                     continue
                 try:
                     if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                        _ignored(entry.path, "symlink" if entry.is_symlink() else "not a regular file")
                         continue
                 except OSError:
                     continue
@@ -172,6 +179,25 @@ def list_node_entries(directory: Path) -> dict[str, tuple[str, int]]:
     except FileNotFoundError:
         return {}
     return found
+
+
+_IGNORED: OrderedDict[str, None] = OrderedDict()
+_IGNORED_MAX = 4096
+_LOCK = threading.Lock()
+
+
+def _ignored(path: str, reason: str) -> None:
+    """Log once per path that an entry is ignored (conflict copies, strays, links).
+
+    Hidden names are our own temp files and ``.nfs*`` leftovers: ignored silently.
+    """
+    if os.path.basename(path).startswith(".") or path in _IGNORED:
+        return
+    with _LOCK:
+        _IGNORED[path] = None
+        if len(_IGNORED) > _IGNORED_MAX:
+            _IGNORED.popitem(last=False)
+    structlog.get_logger("sapod").info("entry_ignored", path=path, reason=reason)
 
 
 class WriteOnceCache:

@@ -99,6 +99,40 @@ class _SharedObserver:
                 cls._observer, cls._watches = None, {}
 
     @classmethod
+    def revive(cls) -> bool:
+        """Restart a dead observer thread with every watch it had. True if it was dead.
+
+        The observer thread can die (an inotify error, a watched folder vanishing under
+        it); without this, file events would stop for good and only rescans be left.
+        """
+        from watchdog.observers.inotify import InotifyObserver
+
+        with cls._lock:
+            if cls._observer is None or cls._observer.is_alive():
+                return False
+            old, cls._observer = cls._observer, InotifyObserver()
+            cls._observer.daemon = True
+            cls._observer.start()
+            watches, cls._watches = cls._watches, {}
+            for folder, (_, handlers) in watches.items():
+                watch = None
+                for handler in handlers:
+                    try:
+                        if watch is None:
+                            watch = cls._observer.schedule(handler, folder, recursive=False)
+                            cls._watches[folder] = (watch, set())
+                        else:
+                            cls._observer.add_handler_for_watch(handler, watch)
+                        cls._watches[folder][1].add(handler)
+                    except OSError:
+                        break  # the folder is gone; the node re-watches what it needs
+        try:
+            old.stop()
+        except Exception:  # noqa: BLE001 - a dead observer may fail to stop; it is already gone
+            pass
+        return True
+
+    @classmethod
     def add(cls, handler: Any, folder: str) -> None:
         with cls._lock:
             if folder in cls._watches:
@@ -176,6 +210,8 @@ class Watcher:
             await asyncio.wait_for(self._wake.wait(), timeout)
             return True
         except asyncio.TimeoutError:
+            if self._handler is not None and _SharedObserver.revive():
+                self._log.warning("observer_restarted", folders=len(self._folders))
             return False
         finally:
             self._wake.clear()

@@ -12,6 +12,7 @@ the round that is open now; it never writes into a closed round.
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import time
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import structlog
 
 from sapod import paths, schema
-from sapod.checkpoint import latest_checkpoint, read_counters, save_checkpoint
+from sapod.checkpoint import dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
 from sapod.errors import Rejected, StartupError
 from sapod.executor import run_on_gpu
 from sapod.gather import GatherResult, choose_external, own_rollouts, read_peer_rollouts, rollouts_doc
@@ -29,11 +30,12 @@ from sapod.policy.loader import load_policy
 from sapod.sampling import round_seed
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
-from sapod.store import atomic_write_json, read_json
+from sapod.store import read_json
 from sapod.tasks import default_system_prompt, make_task_source
 from sapod.types import Group
 
 T = TypeVar("T")
+CHECKPOINT_HEADROOM = 1.2  # free space wanted, relative to the last checkpoint's size
 SWARM_SETTINGS = ("num_train_samples", "num_transplant_trees", "num_generations", "tasks", "seed")
 
 
@@ -52,6 +54,8 @@ class Worker(Node):
         self.last_round = -1  # last round this node finished (trained on)
         self.dirty = False  # model changed since the last checkpoint
         self.gpu_abandoned = False
+        self.checkpoint_owed = False  # the last checkpoint attempt failed or was skipped
+        self.checkpoint_bytes = 0  # size of the last checkpoint: the space the next one needs
         # Only the first round this instance runs can hold files of an earlier instance.
         self._first_round = True
 
@@ -80,17 +84,24 @@ class Worker(Node):
         try:
             while not self.stop.is_set():
                 await self.set_phase("await_stage")
-                state = await self._await_state()
-                if state is None:
-                    break
-                if state.status == "finished":
-                    self.status = "finished"
-                    break
                 try:
+                    state = await self._await_state()
+                    if state is None:
+                        break
+                    if state.status == "finished":
+                        self.status = "finished"
+                        break
                     await self._round(state)
+                    self.io_ok()
                 except Stopping:
-                    self.log.info("round_abandoned", round=state.round)
+                    self.log.info("round_abandoned", round=self.round)
                     break
+                except OSError as exc:
+                    # Nothing of this round was trained on yet (a failed submission is
+                    # retried in place): try it again the way a restart would, reusing
+                    # rollouts that did get published.
+                    self._first_round = True
+                    await self.io_trouble(exc, self.phase)
         finally:
             await self._final_checkpoint()
         if self.status == "finished":
@@ -125,6 +136,7 @@ class Worker(Node):
         self.cumulative_reward = float(counters["cumulative_reward"])
         self.external_used = int(counters.get("external_used", 0))
         self.round = self.last_round
+        self.checkpoint_bytes = await self.io(dir_bytes, directory)
         self.log.info("resumed", checkpoint=str(directory), round=self.last_round, rounds_done=self.rounds_done)
         await self.progress("resumed", checkpoint_round=round_)
 
@@ -212,18 +224,14 @@ class Worker(Node):
         self.last_round = r
 
         await self.set_phase("submit")
-        closed = await self.io(self._round_closed, r)
-        if closed:
-            self.log.warning("round_closed_before_submit", round=r)
-        else:
-            sub = schema.envelope(schema.REWARDS, self.node_id, self.instance, r, s, state.epoch)
-            sub.update(reward_mean=reward_mean, reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
-                       n_external=len(external), external_from=sorted({g.source for g in external}),
-                       cumulative_reward=self.cumulative_reward)
-            await self.publish(paths.reward_file(self.root, r, s, self.node_id), sub)
+        sub = schema.envelope(schema.REWARDS, self.node_id, self.instance, r, s, state.epoch)
+        sub.update(reward_mean=reward_mean, reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
+                   n_external=len(external), external_from=sorted({g.source for g in external}),
+                   cumulative_reward=self.cumulative_reward)
+        closed, submitted_at = await self._submit(r, s, sub)
 
         t_ckpt = 0.0
-        if (r + 1) % cfg.checkpoint_interval == 0:
+        if (r + 1) % cfg.checkpoint_interval == 0 or self.checkpoint_owed:
             t_ckpt = await self._checkpoint()
         row = {
             "ts": time.time(), "round": r, "stage": s, "node_id": self.node_id, "rewards": own,
@@ -231,6 +239,7 @@ class Worker(Node):
             "n_local": len(local), "n_external": len(external), "external_from": sorted({g.source for g in external}),
             "external_available": available, "dropped_zero_advantage": dropped,
             "rejected_invalid": result.invalid_items + len(result.rejected), "submitted": not closed,
+            "submitted_at": submitted_at, "instance": self.instance,
             "loss": stats.get("loss", 0.0), "grad_norm": stats.get("grad_norm", 0.0),
             "tokens_generated": tokens, "tokens_trained": stats.get("tokens", 0),
             "t_generate": t_generate, "t_gather": t_gather, "t_train": t_train, "t_checkpoint": t_ckpt,
@@ -241,6 +250,21 @@ class Worker(Node):
                       external=len(external), loss=round(row["loss"], 5), seconds=round(row["t_round"], 3))
         await self.progress("round_complete", reward_mean=reward_mean, cumulative_reward=self.cumulative_reward,
                             n_external=len(external))
+
+    async def _submit(self, r: int, s: int, doc: dict[str, Any]) -> tuple[bool, float | None]:
+        """Publish the round's submission, retrying through folder trouble: the model
+        has trained on this round, so the round is never re-run. ``(closed, when)``:
+        closed when the round was over before we could submit (nothing written)."""
+        while True:
+            try:
+                if await self.io(self._round_closed, r):
+                    self.log.warning("round_closed_before_submit", round=r)
+                    return True, None
+                await self.publish(paths.reward_file(self.root, r, s, self.node_id), doc)
+                return False, time.time()
+            except OSError as exc:
+                self._check_stop()
+                await self.io_trouble(exc, "submit")
 
     def _score(self, item: Any, completions: list[str]) -> list[float]:
         return [self.tasks.score(item, c) for c in completions]
@@ -281,15 +305,26 @@ class Worker(Node):
                 "rng": "derived from (seed, node_id, round, purpose)"}
 
     async def _checkpoint(self) -> float:
+        """Save, unless the disk cannot hold it: a failed or skipped checkpoint leaves
+        the previous one in place and is owed, i.e. retried after the next round."""
         await self.set_phase("checkpoint")
         t0 = time.monotonic()
         try:
+            free = await self.io(free_bytes, self.root)
+            need = int(self.checkpoint_bytes * CHECKPOINT_HEADROOM) + 2**20
+            if free < need:
+                self.checkpoint_owed = True
+                self.log.warning("checkpoint_skipped_low_space", free_bytes=free, need_bytes=need)
+                return time.monotonic() - t0
             where = await run_on_gpu(save_checkpoint, self.root, self.node_id, self.last_round, self.policy,
                                      self._counters(), self.cfg.checkpoint_keep)
+            self.checkpoint_bytes = await self.io(dir_bytes, where)
         except OSError as exc:
-            self.log.error("checkpoint_failed", error=str(exc))
+            self.checkpoint_owed = True
+            self.log.error("checkpoint_failed", error=str(exc)[:300],
+                           errno=errno.errorcode.get(exc.errno or 0, exc.errno))
             return time.monotonic() - t0
-        self.dirty = False
+        self.dirty = self.checkpoint_owed = False
         await self.progress("checkpoint", path=str(where))
         return time.monotonic() - t0
 

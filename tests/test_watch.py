@@ -98,3 +98,27 @@ def test_reads_do_not_wake_watchers(tmp_path):
             w.close()
 
     assert asyncio.run(go()) is False
+
+
+def test_dead_observer_is_restarted_with_its_watches(tmp_path):
+    """If the shared inotify thread dies, the next rescan restarts it and events flow again."""
+    from sapod.watch import _SharedObserver
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        w = Watcher("inotify", loop)
+        try:
+            w.watch([tmp_path / "a"])
+            _SharedObserver._observer.stop()  # the thread dies under the watcher
+            _SharedObserver._observer.join(timeout=2)
+            assert not _SharedObserver._observer.is_alive()
+            assert await w.wait(0.05) is False  # a rescan: notices and revives
+            assert _SharedObserver._observer.is_alive()
+            loop.call_later(0.2, (tmp_path / "a" / "y.json").write_text, "{}")
+            t0 = loop.time()
+            assert await w.wait(5.0) is True
+            return loop.time() - t0
+        finally:
+            w.close()
+
+    assert asyncio.run(go()) < 2.0
