@@ -57,6 +57,16 @@ def dir_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
+def clear_stale_tmp(root: Path, node_id: str) -> int:
+    """Remove this node's half-written checkpoint folders (a kill during a save); call
+    only at startup, when no save of ours can be running. Returns how many."""
+    n = 0
+    for d in paths.checkpoints_dir(root).glob(f"round_*/.{node_id}.tmp-*"):
+        shutil.rmtree(d, ignore_errors=True)
+        n += 1
+    return n
+
+
 def list_checkpoints(root: Path, node_id: str) -> list[tuple[int, Path]]:
     """This node's complete checkpoints, oldest first."""
     found = []
@@ -66,7 +76,9 @@ def list_checkpoints(root: Path, node_id: str) -> list[tuple[int, Path]]:
         return []
     for name in entries:
         m = ROUND_DIR_RE.match(name)
-        if not m:
+        # Only the canonical name: "round_03", "round_3\n" or a fullwidth digit would list
+        # round_3 again, and the duplicates would make prune delete the latest checkpoint.
+        if not m or name != f"round_{int(m.group(1))}":
             continue
         d = paths.checkpoint_dir(root, int(m.group(1)), node_id)
         if paths.complete_marker(d).is_file():
@@ -99,6 +111,12 @@ def read_counters(directory: Path, node_id: str) -> dict[str, Any]:
     for key in ("round", "rounds_done"):
         if not isinstance(doc.get(key), int) or isinstance(doc.get(key), bool):
             raise Rejected(f"counters.json field {key!r} missing or not an integer")
-    if not isinstance(doc.get("cumulative_reward"), (int, float)) or not math.isfinite(doc["cumulative_reward"]):
+    if "external_used" in doc and type(doc["external_used"]) is not int:
+        raise Rejected("counters.json field 'external_used' not an integer")
+    try:
+        finite = type(doc.get("cumulative_reward")) in (int, float) and math.isfinite(doc["cumulative_reward"])
+    except OverflowError:  # an integer beyond float range
+        finite = False
+    if not finite:
         raise Rejected("counters.json field 'cumulative_reward' missing or not finite")
     return doc

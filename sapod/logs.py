@@ -30,12 +30,25 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
         processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+    lib = logging.getLogger("watchdog")
+    lib.handlers[:] = [_FromStdlib()]
+    lib.propagate = False
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+class _FromStdlib(logging.Handler):
+    """watchdog logs through the stdlib; with no handler Python prints its lines raw on
+    stderr, which breaks a JSON log stream. Its messages (e.g. "InotifyEmitter.queue_events()
+    called when the thread is inactive", after a watch is dropped) are benign: debug."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        get_logger(record.name).debug("library_log", logger=record.name, level=record.levelname.lower(),
+                                      message=record.getMessage()[:500])
 
 
 def get_logger(name: str = "sapod") -> Any:

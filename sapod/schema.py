@@ -53,7 +53,10 @@ def _int(d: dict[str, Any], key: str, lo: int = 0, hi: int = 2**63) -> int:
 
 
 def _num(d: dict[str, Any], key: str) -> float:
-    value = float(_get(d, key, (int, float)))
+    try:
+        value = float(_get(d, key, (int, float)))
+    except OverflowError:  # an integer beyond float range: JSON allows 4300 digits
+        value = math.inf
     if not math.isfinite(value):
         raise Rejected(f"field {key!r} is not finite")
     return value
@@ -78,6 +81,7 @@ def check_envelope(d: dict[str, Any], schema: str, node_id: str | None = None) -
 
 
 def _same_slot(d: dict[str, Any], round_: int, stage: int) -> None:
+    _int(d, "epoch")
     if _int(d, "round") != round_ or _int(d, "stage") != stage:
         raise Rejected(f"round/stage {d.get('round')}/{d.get('stage')} disagree with the folder {round_}/{stage}")
 
@@ -240,6 +244,7 @@ class Tally:
     reason: str
     counted: dict[str, float]  # node_id -> reward_mean of the submission that counted
     missing: tuple[str, ...]
+    seconds: float  # open to decision, on the coordinator's clock
     collected_at: float
     closed_at: float
 
@@ -260,7 +265,7 @@ def parse_tally(d: dict[str, Any], round_: int, stage: int) -> Tally:
     if not all(isinstance(x, str) and valid_node_id(x) for x in missing):
         raise Rejected("bad missing list")
     return Tally(round=round_, stage=stage, epoch=_int(d, "epoch"), coordinator=_str(d, "node_id", 64),
-                 reason=reason, counted=counted, missing=tuple(missing),
+                 reason=reason, counted=counted, missing=tuple(missing), seconds=_num(d, "seconds"),
                  collected_at=_num(d, "collected_at"), closed_at=_num(d, "closed_at"))
 
 

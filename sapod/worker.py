@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import structlog
 
 from sapod import paths, schema
-from sapod.checkpoint import dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
-from sapod.errors import Rejected, StartupError
+from sapod.checkpoint import clear_stale_tmp, dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
+from sapod.errors import Displaced, Rejected, StartupError
 from sapod.executor import run_on_gpu
 from sapod.gather import GatherResult, choose_external, own_rollouts, read_peer_rollouts, rollouts_doc
 from sapod.node import Node
@@ -61,11 +61,14 @@ class Worker(Node):
 
     async def main(self) -> None:
         await self.set_phase("register")
+        # The model loads while the id is claimed; a name that cannot load should fail at
+        # once, not after waiting for a coordinator.
+        loading = asyncio.ensure_future(run_on_gpu(lambda: load_policy(self.cfg, default_system_prompt())))
         try:
-            # The model first: a name that cannot load should fail at once, not after
-            # waiting for a coordinator.
-            self.policy = await run_on_gpu(load_policy, self.cfg, default_system_prompt())
-        except StartupError:
+            await self._claim_id()
+            self.policy = await loading
+        except (StartupError, Displaced):
+            loading.cancel()
             raise
         except Exception as exc:  # a model that cannot load is a failed start, not a crash
             raise StartupError(f"cannot load model {self.cfg.model!r}: {exc}") from exc
@@ -121,7 +124,22 @@ class Worker(Node):
             self.log.info("settings_from_experiment", **changes)
             self.cfg = self.cfg.with_(**changes)
 
+    async def _claim_id(self) -> None:
+        """Do no work until NODE_ID is surely ours.
+
+        Registration overwrote the peer file; a daemon already running under this id
+        writes it back at its next heartbeat. Checking once one and a half heartbeats
+        after registering means a second daemon steps down (exit 4) before it has
+        published or trained anything, so nothing is done twice under one name.
+        """
+        left = self.registered_at + 1.5 * self.cfg.heartbeat_interval - time.monotonic()
+        if left > 0:
+            await self.nap(left)
+        await self.heartbeat()
+
     async def _resume(self) -> None:
+        if stale := await self.io(clear_stale_tmp, self.root, self.node_id):
+            self.log.info("stale_checkpoint_tmp_removed", folders=stale)
         found = await self.io(latest_checkpoint, self.root, self.node_id)
         if found is None:
             return

@@ -1,0 +1,389 @@
+#!/usr/bin/env python3
+"""Chaos harness: a real swarm (a coordinator and N worker processes) on a tmp folder
+for R rounds while faults are injected on a schedule; then the invariants are checked
+from the files and the processes. Prints a table of figures and one JSON line; exits 1
+on any violation.
+
+Faults (``--faults all`` or a comma list): kill-worker, kill-coordinator, stop-worker,
+duplicate-id, second-coordinator, hostile (torn / huge / NaN / forged / conflict
+copies / symlinks / ... files, see chaos_payloads.py), enospc (a full checkpoint disk:
+a small tmpfs when run as root, plus failpoints), eio (EIO / ENOTCONN on listings and
+writes, via SAPOD_FAILPOINTS), dead-worker (one worker killed for good near the end;
+every later round must close within ROUND_TIMEOUT + 2 POLL_INTERVAL), lag (every node
+sees the folder through its own replica, synced late, out of order, with gaps and
+conflict copies by chaos_lag.py; nodes poll).
+
+    python scripts/chaos.py --short                          # the CI configuration
+    python scripts/chaos.py --workers 4 --rounds 200          # all faults but lag
+    python scripts/chaos.py --workers 4 --rounds 100 --faults all,lag
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bench_round import peak_rss_mb
+from chaos_checks import check_run
+from chaos_payloads import PayloadMaker
+
+from sapod import paths
+from sapod.errors import Rejected
+from sapod.schema import parse_state
+from sapod.store import read_json
+from sapod.tasks import make_task_source
+
+ROTATION = ("kill-worker", "kill-coordinator", "stop-worker", "duplicate-id", "second-coordinator", "enospc")
+ALL = ROTATION + ("hostile", "eio", "dead-worker")
+EXPERIMENT = "chaos"
+TIMING = {"HEARTBEAT_INTERVAL": 0.3, "PEER_TIMEOUT": 2.0, "POLL_INTERVAL": 0.2, "GATHER_TIMEOUT": 2.0,
+          "ROUND_TIMEOUT": 4.0, "STOP_TIMEOUT": 5.0}
+TASKS = "basic_arithmetic,base_conversion,binary_matrix"
+
+
+class Proc:
+    def __init__(self, node_id: str, role: str, popen: subprocess.Popen, log: Path, tag: str):
+        self.node_id, self.role, self.popen, self.log, self.tag = node_id, role, popen, log, tag
+        self.planned: set[int] = {0}  # exit codes that are no violation
+        self.stopped = False
+        self.peak_rss = 0.0
+        self.spawned = time.monotonic()
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace, base: Path):
+        self.args, self.base = args, base
+        self.faults = set(args.faults)
+        self.rng = random.Random(args.seed)
+        self.procs: list[Proc] = []
+        self.timers: list[tuple[float, Callable[[], None]]] = []
+        self.counts: dict[str, int] = {}
+        self.violations: list[str] = []
+        self.coord: Proc | None = None
+        self.coord_n = 0
+        self.spawns = 0
+        self.notes: dict[str, Any] = {"twin_exit_s": [], "dead_rounds": [], "state_backwards": 0}
+        self.replicator = None
+        self.views: dict[str, Path] = {}
+        takeovers = args.rounds // max(1, args.every * len(ROTATION)) + 2  # second coordinators, at most
+        ids = ["coord"] + [f"coord{i}" for i in range(2, takeovers + 2)] + [f"w{i + 1}" for i in range(args.workers)]
+        if "lag" in self.faults:
+            from chaos_lag import Replicator
+
+            self.views = {n: base / "replicas" / n for n in ids}
+            for v in self.views.values():
+                v.mkdir(parents=True)
+            self.replicator = Replicator(self.views, seed=args.seed, exclude=(
+                "experiments/*/checkpoints/*", "experiments/*/logs/*", "experiments/*/progress_*"))
+        else:
+            shared = base / "shared"
+            shared.mkdir()
+            self.views = {n: shared for n in ids}
+        self.mounted: Path | None = None
+        self.ballast: Path | None = None
+        self.last_order = (0, 0)
+        self.clean_coordinator = False
+
+    # -- processes ------------------------------------------------------------------
+    def root(self, node: str) -> Path:
+        return paths.experiment_root(self.views[node], EXPERIMENT)
+
+    def env(self, node: str, role: str) -> dict[str, str]:
+        a = self.args
+        env = {**os.environ, "GDRIVE_PATH": str(self.views[node]), "EXPERIMENT_NAME": EXPERIMENT, "NODE_ID": node,
+               "NODE_ROLE": role, "MODEL_NAME": a.model, "MAX_ROUNDS": str(a.rounds), "NUM_TRAIN_SAMPLES": "2",
+               "NUM_TRANSPLANT_TREES": "2", "NUM_GENERATIONS": "4", "MAX_NEW_TOKENS": "32", "TASKS": TASKS,
+               "SEED": str(a.seed), "CHECKPOINT_INTERVAL": "3", "CHECKPOINT_KEEP": "2", "LOG_FORMAT": "json",
+               "LOG_LEVEL": "info", "LOG_TO_SHARED": "false", "SAPOD_CACHE": str(a.cache_dir),
+               "WATCH_MODE": "poll" if "lag" in self.faults else "inotify",
+               **{k: str(v) for k, v in TIMING.items()}}
+        if "lag" in self.faults:  # replicas arrive up to 1.5 s late, per hop
+            env.update(PEER_TIMEOUT="6", GATHER_TIMEOUT="4", ROUND_TIMEOUT="10")
+        fps = []
+        if "eio" in self.faults and not (role == "coordinator" and self.clean_coordinator):
+            fps += ["list=EIO:0.02", "list=ENOTCONN:0.01", "write=EIO:0.005"]
+        if "enospc" in self.faults and role == "worker":
+            fps += ["checkpoint=ENOSPC:0.1"]
+        if fps:
+            env["SAPOD_FAILPOINTS"] = ",".join(fps)
+        return env
+
+    def spawn(self, node: str, role: str, tag: str = "") -> Proc:
+        self.spawns += 1
+        log = self.base / "logs" / f"{self.spawns:04d}-{node}{tag}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "wb") as out:
+            popen = subprocess.Popen([sys.executable, "-m", "sapod"], env=self.env(node, role), stdout=out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        p = Proc(node, role, popen, log, tag)
+        self.procs.append(p)
+        return p
+
+    def later(self, delay: float, fn: Callable[[], None]) -> None:
+        self.timers.append((time.monotonic() + delay, fn))
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def running(self, role: str) -> list[Proc]:
+        return [p for p in self.procs if p.role == role and p.popen.poll() is None and not p.stopped
+                and p.tag == ""]
+
+    def kill(self, p: Proc, sig: int = signal.SIGKILL) -> None:
+        if p.popen.poll() is None:
+            p.planned.add(-sig)
+            p.popen.send_signal(sig)
+
+    # -- faults -----------------------------------------------------------------------
+    def inject(self, fault: str) -> None:
+        workers = [w for w in self.running("worker") if w.node_id != self.notes.get("dead")]
+        if fault == "kill-worker" and workers:
+            w = self.rng.choice(workers)
+            self.later(self.rng.uniform(0, 0.6), lambda: (self.kill(w), self.later(
+                self.rng.uniform(0.5, 2.0), lambda: self.spawn(w.node_id, "worker"))))
+        elif fault == "kill-coordinator" and self.coord is not None:
+            c = self.coord
+            self.later(self.rng.uniform(0, 0.4), lambda: (self.kill(c), self.later(
+                self.rng.uniform(0.3, 1.5), lambda: self._new_coordinator(c.node_id))))
+        elif fault == "stop-worker" and workers:
+            w = self.rng.choice(workers)
+            w.stopped = True
+            w.popen.send_signal(signal.SIGSTOP)
+            self.later(TIMING["PEER_TIMEOUT"] + self.rng.uniform(0.5, 2.0), lambda: self._resume(w))
+        elif fault == "duplicate-id" and workers:
+            w = self.rng.choice(workers)
+            twin = self.spawn(w.node_id, "worker", tag="-twin")
+            twin.planned = {4}
+            w.planned.add(4)  # either of the two may be the one that steps down
+        elif fault == "second-coordinator" and self.coord is not None:
+            self.coord.planned.add(4)
+            self.coord_n += 1
+            self._new_coordinator(f"coord{self.coord_n + 1}")
+        elif fault == "enospc":
+            self._toggle_ballast()
+        else:
+            return
+        self.count(fault)
+
+    def _new_coordinator(self, node: str) -> None:
+        self.coord = self.spawn(node, "coordinator")
+
+    def _resume(self, w: Proc) -> None:
+        if w.popen.poll() is None:
+            w.popen.send_signal(signal.SIGCONT)
+        w.stopped = False
+
+    def _toggle_ballast(self) -> None:
+        """Fill the checkpoint disk (a tmpfs) to leave less than a checkpoint's headroom, or empty it."""
+        if self.mounted is None:
+            return
+        if self.ballast is not None:
+            self.ballast.unlink(missing_ok=True)
+            self.ballast = None
+            return
+        self.ballast = self.mounted / ".ballast"
+        free = os.statvfs(self.mounted).f_bavail * os.statvfs(self.mounted).f_frsize
+        with open(self.ballast, "wb") as fh:
+            try:
+                fh.write(b"\0" * max(0, free - 256 * 1024))
+            except OSError:
+                pass
+
+    def mount_checkpoint_disk(self) -> str:
+        if "enospc" not in self.faults or "lag" in self.faults:
+            return "failpoints only"
+        target = paths.checkpoints_dir(self.root("coord"))
+        target.mkdir(parents=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(target)], capture_output=True)
+        if r.returncode != 0:
+            return "failpoints only (no privileges to mount a small disk)"
+        self.mounted = target
+        return "16 MiB tmpfs + failpoints"
+
+    def hostile(self, maker: PayloadMaker, r: int, payloads: list) -> None:
+        real = [f"w{i + 1}" for i in range(self.args.workers)]
+        # In lag mode the files start in one replica and need time to reach the others.
+        ahead = 3 if "lag" in self.faults else 1
+        if r + ahead >= self.args.rounds:
+            return
+        # Into a running worker's view: links and folders do not replicate, and workers read rollouts.
+        readers = [w.node_id for w in self.running("worker") if w.node_id != self.notes.get("dead")]
+        node = self.rng.choice(readers or real)
+        payloads += maker.batch(self.root(node), r + ahead, real, self.args.payloads_per_round)
+
+    # -- the run --------------------------------------------------------------------
+    def state(self) -> Any:
+        try:
+            doc = read_json(paths.state_file(self.root(self.coord.node_id if self.coord else "coord")))
+            return None if doc is None else parse_state(doc)
+        except Rejected:
+            return None
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        ckpt_disk = self.mount_checkpoint_disk()
+        if self.replicator:
+            self.replicator.start()
+        maker = PayloadMaker(a.seed, make_task_source(TASKS))
+        payloads: list = []
+        self._new_coordinator("coord")
+        for i in range(a.workers):
+            self.spawn(f"w{i + 1}", "worker")
+        rotation = [f for f in ROTATION if f in self.faults]
+        dead_from = a.rounds - max(6, a.rounds // 10) if "dead-worker" in self.faults else a.rounds + 1
+        seen_round, k, t0 = -1, 0, time.monotonic()
+        last_progress = time.monotonic()
+        while True:
+            now = time.monotonic()
+            for due, fn in [t for t in self.timers if t[0] <= now]:
+                self.timers.remove((due, fn))
+                fn()
+            st = self.state()
+            if st is not None:
+                if st.order < self.last_order:
+                    self.notes["state_backwards_on_disk"] = self.notes.get("state_backwards_on_disk", 0) + 1
+                self.last_order = max(self.last_order, st.order)
+                if st.status == "finished":
+                    break
+                if st.round > seen_round:
+                    seen_round, last_progress = st.round, now
+                    self.on_round(st.round, maker, payloads, rotation, dead_from, k)
+                    k += 1
+            for p in self.procs:
+                if p.popen.poll() is None:
+                    p.peak_rss = max(p.peak_rss, peak_rss_mb(p.popen.pid))
+                elif p.popen.returncode not in p.planned and not getattr(p, "reported", False):
+                    p.reported = True
+                    self.violations.append(f"unplanned exit {p.popen.returncode} of {p.node_id}{p.tag} "
+                                           f"(log {p.log})")
+                    if p.role == "worker" and p.tag == "":
+                        self.spawn(p.node_id, "worker")  # keep the swarm going
+            if now - last_progress > a.stall_s:
+                self.violations.append(f"no round advanced for {a.stall_s:.0f} s (stuck at round {seen_round})")
+                break
+            time.sleep(0.05)
+        wall = time.monotonic() - t0
+        for _, fn in sorted(self.timers, key=lambda t: t[0]):  # pending restarts / SIGCONTs
+            fn()
+        self.finish()
+        if self.replicator:
+            self.replicator.flush(30)
+            self.replicator.stop()
+        result = check_run(self, payloads, wall, ckpt_disk)
+        if self.mounted is not None:
+            subprocess.run(["umount", "-l", str(self.mounted)], capture_output=True)
+        return result
+
+    def on_round(self, r: int, maker: PayloadMaker, payloads: list, rotation: list[str], dead_from: int,
+                 k: int) -> None:
+        if "hostile" in self.faults:
+            self.hostile(maker, r, payloads)
+        if r == dead_from:
+            self.start_dead_phase()
+        elif r < dead_from - 2 and rotation and r >= 2 and r % self.args.every == 0:
+            self.inject(rotation[(r // self.args.every) % len(rotation)])
+
+    def start_dead_phase(self) -> None:
+        """One worker dies for good; the coordinator restarts without injected errors, so
+        the rounds that follow measure the dead-worker bound alone."""
+        if self.ballast is not None:
+            self._toggle_ballast()
+        workers = [w for w in self.running("worker")]
+        if not workers or self.coord is None:
+            return
+        victim = self.rng.choice(workers)
+        self.notes["dead"] = victim.node_id
+        self.kill(victim)
+        self.clean_coordinator = True  # its rounds measure the bound, not injected errors
+        old = self.coord
+        self.kill(old, signal.SIGTERM)
+        old.popen.wait(timeout=30)
+        self._new_coordinator(old.node_id)
+        self.notes["dead_phase_start"] = time.time()
+        self.count("dead-worker")
+
+    def finish(self) -> None:
+        """Every node should now finish by itself; stragglers get SIGTERM, then SIGKILL."""
+        deadline = time.monotonic() + 60
+        for p in self.procs:
+            if p.stopped:
+                self._resume(p)
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.violations.append(f"{p.node_id}{p.tag} did not finish; terminated")
+                self.kill(p, signal.SIGTERM)
+                try:
+                    p.popen.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.kill(p)
+                    p.popen.wait()
+            if p.popen.returncode not in p.planned and not getattr(p, "reported", False):
+                p.reported = True
+                self.violations.append(f"unplanned exit {p.popen.returncode} of {p.node_id}{p.tag} (log {p.log})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--faults", default="all", help=f"all, or a comma list of {', '.join(ALL + ('lag',))}")
+    ap.add_argument("--every", type=int, default=3, help="rounds between rotated faults [3]")
+    ap.add_argument("--payloads-per-round", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--model", default="sapod:scripted")
+    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sapod")
+    ap.add_argument("--stall-s", type=float, default=60.0, help="fail when no round advances this long")
+    ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a tmp folder)")
+    ap.add_argument("--short", action="store_true", help="the CI configuration: 4 workers, 30 rounds, every 2")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    names = set()
+    for f in filter(None, (x.strip() for x in args.faults.split(","))):
+        if f == "all":
+            names |= set(ALL)
+        elif f in ALL or f == "lag":
+            names.add(f)
+        else:
+            ap.error(f"unknown fault {f!r}; choose from all, {', '.join(ALL + ('lag',))}")
+    args.faults = sorted(names)
+    if args.short:
+        args.rounds, args.every = min(args.rounds, 30), 2
+    if args.workers < 2 or args.rounds < 10:
+        ap.error("--workers >= 2 and --rounds >= 10")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=False)
+        result = Harness(args, args.keep).run()
+    else:
+        with tempfile.TemporaryDirectory(prefix="sapod-chaos-") as tmp:
+            result = Harness(args, Path(tmp)).run()
+    width = max(len(k) for k in result["figures"])
+    print(f"chaos: {args.workers} workers, {args.rounds} rounds, faults {', '.join(args.faults)}")
+    for key, value in result["figures"].items():
+        print(f"  {key:<{width}}  {value}")
+    for v in result["violations"]:
+        print(f"VIOLATION: {v}")
+    print("ok: every invariant held" if not result["violations"] else f"{len(result['violations'])} violation(s)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 1 if result["violations"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
