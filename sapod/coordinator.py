@@ -8,7 +8,10 @@ epoch than its own steps down (Displaced, exit 4).
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,6 +25,16 @@ from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_files, read_json
+
+
+ROUND_RE = re.compile(r"^round_(0|[1-9]\d{0,8})\Z")
+
+
+def _listdir(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
 
 
 class Coordinator(Node):
@@ -46,6 +59,7 @@ class Coordinator(Node):
                 # watch existed is found by the look, not by the next rescan.
                 self.watch(paths.peers_dir(self.root), paths.rewards_dir(self.root, state.round, state.stage))
                 await self.io(self.table.refresh, self.peer_refresh_age)
+                await self.io(self._guard, state)
                 await self.io(self._collect, book)
                 if book.accepted and self.table.live("worker") <= book.accepted.keys():
                     await self.io(self.table.refresh)  # about to advance: make sure no newcomer is missed
@@ -82,8 +96,14 @@ class Coordinator(Node):
         return {**ours, **{k: v for k, v in recorded.items() if k in ours and k != "max_rounds"}}
 
     def _take_over(self) -> State:
-        """Start or resume the swarm's state one epoch above whatever is there."""
+        """Start or resume the swarm's state one epoch above whatever is there.
+
+        A view of the folder can be stale (a replica that has not synced): a tally
+        proves its round closed, so the state never reopens a round at or below the
+        highest tally seen, nor an epoch at or below one seen in a tally.
+        """
         old = self.reader.read()
+        closed, tally_epoch = self._last_tally()
         now = time.time()
         if old is None:
             new = State(0, 0, 1, 1, "open", now, self.node_id, self.instance)
@@ -95,17 +115,49 @@ class Coordinator(Node):
             else:
                 new = State(old.round, old.stage, old.epoch + 1, old.seq + 1, status, old.opened_at,
                             self.node_id, self.instance)
+        if closed >= new.round and new.status == "open":
+            self.log.warning("stale_state_skipped", state_round=new.round, last_tally=closed)
+            status = "finished" if closed + 1 >= self.cfg.max_rounds else "open"
+            new = State(min(closed + 1, self.cfg.max_rounds - 1) if status == "open" else closed, 0, new.epoch,
+                        new.seq, status, now, self.node_id, self.instance)
+        if tally_epoch >= new.epoch:
+            new = State(new.round, new.stage, tally_epoch + 1, new.seq, new.status, new.opened_at,
+                        self.node_id, self.instance)
         atomic_write_json(paths.state_file(self.root), schema.state_doc(new))
         self.reader.current = new
         self.epoch = new.epoch
         return new
 
-    def _fence(self) -> None:
-        """Step down if a newer coordinator has written the state since we did."""
-        seen = self.reader.read()
-        if seen is not None and (seen.epoch > self.epoch or
-                                 (seen.epoch == self.epoch and seen.instance != self.instance)):
+    def _last_tally(self) -> tuple[int, int]:
+        """(highest round with a tally, highest epoch in it), or (-1, 0)."""
+        rounds = sorted((int(m.group(1)) for name in _listdir(self.root / "rewards")
+                         if (m := ROUND_RE.match(name))), reverse=True)
+        for r in rounds[:8]:  # the newest few suffice; older ones are behind any state
+            try:
+                doc = read_json(paths.tally_file(self.root, r, 0))
+                if doc is not None:
+                    return r, schema.parse_tally(doc, r, 0).epoch
+            except Rejected:
+                continue
+        return -1, 0
+
+    def _guard(self, mine: State) -> None:
+        """Step down for a newer coordinator; put our state back if an older one (or a
+        stale replica) wrote over it. Equal epochs (two coordinators that started from
+        one stale view) are settled by instance id, so exactly one carries on."""
+        try:
+            doc = read_json(paths.state_file(self.root))
+            seen = None if doc is None else schema.parse_state(doc)
+        except Rejected:
+            return
+        if seen is None:
+            return
+        if (seen.epoch, seen.instance) > (mine.epoch, mine.instance):
             raise Displaced(f"coordinator {seen.coordinator} (epoch {seen.epoch}) took over")
+        if seen.instance != mine.instance or seen.seq < mine.seq:
+            self.log.warning("state_restored", overwritten_by=seen.coordinator, their_epoch=seen.epoch,
+                             their_seq=seen.seq)
+            atomic_write_json(paths.state_file(self.root), schema.state_doc(mine))
 
     def _collect(self, book: RoundBook) -> None:
         folder = paths.rewards_dir(self.root, book.round, book.stage)
@@ -129,7 +181,7 @@ class Coordinator(Node):
         """
         collected_at = time.time()
         await self.io(self._collect, book)  # the last look: nothing that landed before it is left out
-        await self.io(self._fence)
+        await self.io(self._guard, state)
         live = self.table.live("worker")
         tally = book.tally(live=live, reason=reason, coordinator=self.node_id, instance=self.instance,
                            epoch=self.epoch, seconds=seconds, collected_at=collected_at, closed_at=time.time())

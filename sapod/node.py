@@ -84,6 +84,7 @@ class Node:
     async def startup(self) -> None:
         self.watch_mode, why = pick_watch_mode(self.cfg.watch_mode, self.cfg.shared)
         self.inline_io = not is_remote(mount_fstype(self.cfg.shared))
+        self.registered_at = time.monotonic()
         try:
             await self.io(self._check_folder)
         except OSError as exc:

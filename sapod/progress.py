@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +17,38 @@ from sapod import paths
 from sapod.state import StateReader
 from sapod.store import NODE_ID_PATTERN, valid_node_id
 
-PROGRESS_RE = re.compile(rf"^progress_({NODE_ID_PATTERN})\.jsonl$")
+PROGRESS_RE = re.compile(rf"^progress_({NODE_ID_PATTERN})\.jsonl\Z")
 MAX_LINE = 1 << 20
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines that are whole JSON objects; torn, damaged, over-long or absurdly nested ones are
+    skipped. Opened without blocking (a FIFO in place of a log) and read at most MAX_LINE bytes at a
+    time, so a peer's log can neither hang the reader nor make it hold a gigabyte line in memory."""
     rows: list[dict[str, Any]] = []
     try:
-        with open(path, "rb") as fh:
-            for line in fh:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return rows
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return rows
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            while line := fh.readline(MAX_LINE + 1):
                 if len(line) > MAX_LINE:
+                    while line and not line.endswith(b"\n"):  # the rest of the over-long line
+                        line = fh.readline(MAX_LINE + 1)
                     continue
                 try:
                     row = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue  # a line still being appended, or damaged
                 if isinstance(row, dict):
                     rows.append(row)
     except OSError:
         pass
+    finally:
+        os.close(fd)
     return rows
 
 

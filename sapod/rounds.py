@@ -26,7 +26,7 @@ class RoundBook:
         self.round = round_
         self.stage = stage
         self.accepted: dict[str, Submission] = {}
-        self._rejected: dict[str, str] = {}
+        self._rejected: dict[str, set[str]] = {}
 
     def counted(self, node_id: str) -> bool:
         """Already counted: its file need not be read again."""
@@ -46,9 +46,10 @@ class RoundBook:
                 raise doc
             self.accepted[node_id] = parse_submission(doc, node_id, self.round, self.stage)
         except Rejected as exc:
-            if self._rejected.get(node_id) == exc.reason:
+            reasons = self._rejected.setdefault(node_id, set())
+            if exc.reason in reasons or len(reasons) >= 64:  # a flapping file is not logged forever
                 return None
-            self._rejected[node_id] = exc.reason
+            reasons.add(exc.reason)
             return exc.reason
         self._rejected.pop(node_id, None)
         return None

@@ -23,8 +23,9 @@ from sapod import failpoints
 from sapod.errors import Rejected
 
 NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-NODE_ID_RE = re.compile(rf"^{NODE_ID_PATTERN}$")
-NODE_FILE_RE = re.compile(rf"^({NODE_ID_PATTERN})\.json$")
+# \Z, not $: "$" also matches before a trailing newline ("w1.json\n" is not w1's file).
+NODE_ID_RE = re.compile(rf"^{NODE_ID_PATTERN}\Z")
+NODE_FILE_RE = re.compile(rf"^({NODE_ID_PATTERN})\.json\Z")
 
 # Operations on the shared folder, counted for benchmarks (each one costs an API call on Drive).
 IO: Counter[str] = Counter()
@@ -97,7 +98,32 @@ def parse_json_bytes(data: bytes) -> dict[str, Any]:
         raise Rejected(f"not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
         raise Rejected(f"expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(data) and not _encodable(obj):
+        raise Rejected("a string holds an unpaired surrogate (\\ud800-\\udfff escape)")
     return obj
+
+
+# json decodes an unpaired "\ud800" escape to a str that no UTF-8 writer can encode: taken
+# in, it would make a tally, a log or a tokenizer fail later, far from the file.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _encodable(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return False
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True
 
 
 def read_json(path: str | Path, max_bytes: int = SMALL_FILE_MAX) -> dict[str, Any] | None:

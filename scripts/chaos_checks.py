@@ -68,8 +68,9 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
     # -- nothing acknowledged lost, nothing late counted, nothing counted twice ---------
     lost = late = 0
     for r, t in tallies.items():
+        view = h.root(t.coordinator)  # the folder as the coordinator that closed the round saw it
         for w in workers:
-            path = paths.reward_file(coord_root, r, 0, w)
+            path = paths.reward_file(view, r, 0, w)
             try:
                 st = os.stat(path)
                 sub = parse_submission(read_json(path), w, r, 0)
