@@ -285,3 +285,53 @@ def test_coordinator_tidies_old_rounds(make_cfg):
         assert "rollouts/round_1/stage_0/w2.json" in tar.getnames()
     rows = read_rows(paths.metrics_file(root, "w1"))
     assert [r["round"] for r in rows] == list(range(6))
+
+
+def _tally(root, r, epoch):
+    from sapod.rounds import RoundBook
+
+    doc = RoundBook(r, 0).tally(live=set(), reason="all_submitted", coordinator="c0", instance="i0", epoch=epoch,
+                                seconds=1.0, collected_at=0.0, closed_at=0.0)
+    atomic_write_json(paths.tally_file(root, r, 0), doc)
+
+
+def test_coordinator_on_a_stale_view_does_not_reopen_closed_rounds(make_cfg):
+    """A restart on a replica that has not synced: the state says round 3, tallies prove
+    rounds up to 5 closed (under epoch 4); the coordinator opens round 6 above epoch 4."""
+    c = Coordinator(make_cfg("coordinator", "coord", max_rounds=1000))
+    root = c.root
+    atomic_write_json(paths.state_file(root), schema.state_doc(schema.State(3, 0, 1, 7, "open", 0.0, "c0", "i0")))
+    for r in range(6):
+        _tally(root, r, 4)
+
+    async def go():
+        t = asyncio.create_task(c.run())
+        await asyncio.sleep(0.5)
+        c.stop.set()
+        await asyncio.wait_for(t, 10)
+
+    asyncio.run(go())
+    state = schema.parse_state(read_json(paths.state_file(root)))
+    assert (state.round, state.status, state.epoch) == (6, "open", 5)
+
+
+def test_coordinator_puts_its_state_back_over_an_older_one(make_cfg):
+    """An older coordinator (or a stale replica) writes over the state: the current one
+    restores its own at its next wake; a newer epoch makes it step down."""
+    c = Coordinator(make_cfg("coordinator", "coord", max_rounds=1000))
+    root = c.root
+
+    async def go():
+        t = asyncio.create_task(c.run())
+        await asyncio.sleep(0.5)
+        mine = schema.parse_state(read_json(paths.state_file(root)))
+        atomic_write_json(paths.state_file(root),
+                          schema.state_doc(schema.State(0, 0, mine.epoch - 1, 99, "open", 0.0, "old", "x")))
+        await asyncio.sleep(0.5)
+        assert schema.parse_state(read_json(paths.state_file(root))) == mine
+        atomic_write_json(paths.state_file(root),
+                          schema.state_doc(schema.State(0, 0, mine.epoch + 1, 1, "open", 0.0, "new", "y")))
+        with pytest.raises(Displaced):
+            await asyncio.wait_for(t, 10)
+
+    asyncio.run(go())
