@@ -240,7 +240,7 @@ class Harness:
             self.spawn(f"w{i + 1}", "worker")
         rotation = [f for f in ROTATION if f in self.faults]
         dead_from = a.rounds - max(6, a.rounds // 10) if "dead-worker" in self.faults else a.rounds + 1
-        seen_round, k, t0 = -1, 0, time.monotonic()
+        seen_round, t0 = -1, time.monotonic()
         last_progress = time.monotonic()
         while True:
             now = time.monotonic()
@@ -256,8 +256,7 @@ class Harness:
                     break
                 if st.round > seen_round:
                     seen_round, last_progress = st.round, now
-                    self.on_round(st.round, maker, payloads, rotation, dead_from, k)
-                    k += 1
+                    self.on_round(st.round, maker, payloads, rotation, dead_from)
             for p in self.procs:
                 if p.popen.poll() is None:
                     p.peak_rss = max(p.peak_rss, peak_rss_mb(p.popen.pid))
@@ -283,14 +282,13 @@ class Harness:
             subprocess.run(["umount", "-l", str(self.mounted)], capture_output=True)
         return result
 
-    def on_round(self, r: int, maker: PayloadMaker, payloads: list, rotation: list[str], dead_from: int,
-                 k: int) -> None:
-        if "hostile" in self.faults:
-            self.hostile(maker, r, payloads)
+    def on_round(self, r: int, maker: PayloadMaker, payloads: list, rotation: list[str], dead_from: int) -> None:
         if r == dead_from:
-            self.start_dead_phase()
+            self.start_dead_phase()  # first: hostile files go only to workers that will read them
         elif r < dead_from - 2 and rotation and r >= 2 and r % self.args.every == 0:
             self.inject(rotation[(r // self.args.every) % len(rotation)])
+        if "hostile" in self.faults:
+            self.hostile(maker, r, payloads)
 
     def start_dead_phase(self) -> None:
         """One worker dies for good; the coordinator restarts without injected errors, so
