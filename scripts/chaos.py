@@ -211,8 +211,10 @@ class Harness:
 
     def hostile(self, maker: PayloadMaker, r: int, payloads: list) -> None:
         real = [f"w{i + 1}" for i in range(self.args.workers)]
-        # In lag mode the files start in one replica and need time to reach the others.
-        ahead = 3 if "lag" in self.faults else 1
+        # Some rounds take tens of milliseconds, so files go a few rounds ahead of the open
+        # one: every reader must still be before its gather when they land (in lag mode
+        # they also need time to reach the other replicas).
+        ahead = 3
         if r + ahead >= self.args.rounds:
             return
         # Into a running worker's view: links and folders do not replicate, and workers read rollouts.
