@@ -10,10 +10,11 @@ from sapod import __version__
 from sapod.config import add_arguments, build_config
 from sapod.errors import ConfigError
 
-COMMANDS = ("run", "demo", "check", "status", "report", "doctor")
+COMMANDS = ("run", "demo", "check", "status", "report", "doctor", "experiment")
 # Commands that live in their own module: name -> (module, function taking argv, returning an exit code).
 EXTERNAL = {"demo": ("sapod.demo", "demo_main"), "status": ("sapod.status", "status_main"),
-            "report": ("sapod.report", "report_main"), "doctor": ("sapod.doctor", "doctor_main")}
+            "report": ("sapod.report", "report_main"), "doctor": ("sapod.doctor", "doctor_main"),
+            "experiment": ("sapod.experiment", "experiment_main")}
 
 EPILOG = """commands:
   sapod [run] --role worker|coordinator ...   run one node (the default command)
@@ -22,6 +23,7 @@ EPILOG = """commands:
   sapod status [--watch] [--json]              one row per node: round, phase, liveness, reward, ETA
   sapod report EXPERIMENT... [--out DIR]       reward plots and a comparison table (needs sapod[plot])
   sapod doctor --shared PATH                   check a folder before a swarm uses it
+  sapod experiment --configs I/J,I/J --seeds N one swarm per I/J split and seed, then the table vs J=0
 
 exit codes: 0 finished or stopped cleanly, 1 crash, 2 bad usage or config,
 3 failed to start, 4 displaced (NODE_ID taken or a newer coordinator took over)"""

@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from sapod import paths
 from sapod.config import Config, add_arguments, build_config
 from sapod.daemon import run_loop
 from sapod.errors import ModelLoadError, Rejected
-from sapod.logs import configure_logging
+from sapod.logs import configure_logging, get_logger
 from sapod.progress import metrics_summary, read_jsonl
 from sapod.schema import parse_submission
 from sapod.state import StateReader
@@ -58,17 +59,18 @@ def demo_main(argv: list[str]) -> int:
     _out(f"shared folder: {base.root}")
     if base.model == "sapod:tiny":
         try:
-            _prepare_tiny(base)
+            prepare_tiny(base)
         except (ModelLoadError, OSError) as exc:
             _out(f"cannot build sapod:tiny: {exc}")
             return 3
     t0 = time.monotonic()
-    code = run_loop(_run_swarm(base, args.workers))
+    reporter = _RoundReporter(base, worker_ids(args.workers))
+    code = run_swarm(base, args.workers, reporter.report)
     _summary(base, time.monotonic() - t0)
     return code
 
 
-def _prepare_tiny(cfg: Config) -> None:
+def prepare_tiny(cfg: Config) -> None:
     """Build (once) and cache sapod:tiny, showing progress: a bar on a terminal, stages otherwise."""
     from sapod.policy.tiny import ensure_tiny
 
@@ -91,7 +93,22 @@ def _prepare_tiny(cfg: Config) -> None:
         _out(("\r" if tty else "") + f"built sapod:tiny in {time.monotonic() - t0:.1f}s at {where}" + " " * 20)
 
 
-async def _run_swarm(base: Config, n_workers: int) -> int:
+def worker_ids(n_workers: int) -> list[str]:
+    return [f"worker-{i + 1}" for i in range(n_workers)]
+
+
+def run_swarm(base: Config, n_workers: int, on_poll: Callable[[], None] | None = None) -> int:
+    """Run a coordinator and ``n_workers`` workers in this process on ``base.root`` until the
+    experiment finishes or SIGINT/SIGTERM stops it; 1 if a node failed, else 0.
+
+    ``on_poll`` (blocking, run in a thread) is called every 0.25 s while the swarm runs and once
+    after it ended, never twice at once: it is how callers print progress. A stopped swarm
+    returns 0 with its state still open; callers that care read the state.
+    """
+    return run_loop(_run_swarm(base, n_workers, on_poll))
+
+
+async def _run_swarm(base: Config, n_workers: int, on_poll: Callable[[], None] | None) -> int:
     from sapod.coordinator import Coordinator
     from sapod.worker import Worker
 
@@ -99,15 +116,39 @@ async def _run_swarm(base: Config, n_workers: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    workers = [f"worker-{i + 1}" for i in range(n_workers)]
     nodes = [Coordinator(base.with_(role="coordinator", node_id="coordinator"), stop=stop)]
-    nodes += [Worker(base.with_(role="worker", node_id=w), stop=stop) for w in workers]
+    nodes += [Worker(base.with_(role="worker", node_id=w), stop=stop) for w in worker_ids(n_workers)]
     tasks = [asyncio.create_task(n.run(), name=n.node_id) for n in nodes]
-    reporter = _RoundReporter(base, workers)
-    watching = asyncio.create_task(reporter.run())
+
+    def stop_if_failed(task: asyncio.Task[Any]) -> None:
+        # Without this a swarm whose workers all failed to start would wait for them forever.
+        if not task.cancelled() and task.exception() is not None:
+            stop.set()
+
+    for task in tasks:
+        task.add_done_callback(stop_if_failed)
+    ended = asyncio.Event()
+
+    async def report() -> None:
+        if on_poll is None:
+            return
+        try:
+            await asyncio.to_thread(on_poll)
+        except Exception as exc:  # printing progress must never fail the swarm
+            get_logger().warning("progress_report_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def poll() -> None:
+        while not ended.is_set():
+            try:
+                await asyncio.wait_for(ended.wait(), 0.25)
+            except asyncio.TimeoutError:
+                await report()
+
+    watching = asyncio.create_task(poll())
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    watching.cancel()
-    reporter.report()
+    ended.set()
+    await watching  # lets a call in flight return before the last one
+    await report()
     failed = [(t.get_name(), r) for t, r in zip(tasks, results) if isinstance(r, BaseException)]
     for name, exc in failed:
         _out(f"{name} failed: {type(exc).__name__}: {exc}")
@@ -135,7 +176,7 @@ class _RoundReporter:
                    if e.get("event") == "round_complete"}
         while self.reported < done:
             self.reported += 1
-            rewards = _round_rewards(self.cfg.root, self.reported)
+            rewards = round_rewards(self.cfg.root, self.reported)
             cells = "  ".join(f"{w} {rewards[w][0]:.3f} ({rewards[w][1]} ext)" if w in rewards else f"{w} -"
                               for w in self.workers)
             took = seconds.get(self.reported)
@@ -155,13 +196,8 @@ class _RoundReporter:
                          f"(round {open_round + 1} running)")
         sys.stdout.flush()
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
-            await asyncio.to_thread(self.report)
 
-
-def _round_rewards(root: Path, round_: int) -> dict[str, tuple[float, int]]:
+def round_rewards(root: Path, round_: int) -> dict[str, tuple[float, int]]:
     out = {}
     for node_id, path in list_node_files(paths.rewards_dir(root, round_, 0)).items():
         try:

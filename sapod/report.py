@@ -112,6 +112,20 @@ def summary_rows(experiments: list[Experiment]) -> list[dict[str, Any]]:
     return rows
 
 
+def early_late(exp: Experiment, parts: int = 5) -> tuple[float | None, float | None]:
+    """Mean reward over nodes in the first and in the last 1/parts of the rounds (at least one round
+    each): the plain check that a run learned at all."""
+    rounds = exp.rounds
+    if not rounds:
+        return None, None
+    k = max(1, len(rounds) // parts)
+    means = []
+    for which in (set(rounds[:k]), set(rounds[-k:])):
+        values = [r["reward_mean"] for rows in exp.rows.values() for r in rows if r["round"] in which]
+        means.append(sum(values) / len(values))
+    return means[0], means[1]
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table, readable as plain text too."""
     head = ["experiment", "nodes", "rounds", "I", "J", "G", "total reward", "mean reward", "vs baseline"]
@@ -121,6 +135,55 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         cells = [r["experiment"], r["nodes"], r["rounds"], r["I"], r["J"], r["G"], f"{r['total_reward']:.2f}",
                  f"{r['mean_reward']:.4f}", pct]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# -- across seeds (sapod experiment) -------------------------------------------------
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def config_numbers(configs: list[tuple[int, int]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per config: total reward over seeds (mean, min, max), improvement of the mean over the
+    baseline (the J=0 config, else the first) and the first-fifth / last-fifth learning check."""
+    rows = []
+    for i, j in configs:
+        mine = [r for r in runs if (r["I"], r["J"]) == (i, j)]
+        totals = [r["total_reward"] for r in mine]
+        first = _mean([r["first_fifth_reward"] for r in mine if r["first_fifth_reward"] is not None])
+        last = _mean([r["last_fifth_reward"] for r in mine if r["last_fifth_reward"] is not None])
+        rows.append({"config": f"i{i}j{j}", "I": i, "J": j, "seeds": [r["seed"] for r in mine],
+                     "total_reward_mean": _mean(totals), "total_reward_min": min(totals, default=None),
+                     "total_reward_max": max(totals, default=None), "first_fifth_reward": first,
+                     "last_fifth_reward": last,
+                     "learning_change": None if first is None or last is None else last - first})
+    base = next((r for r in rows if r["J"] == 0), rows[0] if rows else None)
+    for r in rows:
+        b, v = (base or {}).get("total_reward_mean"), r["total_reward_mean"]
+        r["baseline"] = base is not None and r is base
+        r["improvement_pct"] = (v - b) / abs(b) * 100.0 if b and v is not None else None
+    return rows
+
+
+def total_format(value: float | None) -> str:
+    """Two decimals as the paper prints totals (561.79); four for the small totals of short runs."""
+    return ".2f" if value is not None and abs(value) >= 10 else ".4f"
+
+
+def format_results(rows: list[dict[str, Any]], baseline: str) -> str:
+    head = ["config", "I", "J", "seeds", "total reward (mean)", "min", "max", f"vs {baseline}",
+            "first 1/5", "last 1/5", "change"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+
+    def num(v: float | None, fmt: str | None = None) -> str:
+        return "-" if v is None else format(v, fmt or total_format(v))
+    for r in rows:
+        pct = "-" if r["improvement_pct"] is None else f"{r['improvement_pct']:+.1f} %"
+        cells = [r["config"], r["I"], r["J"], len(r["seeds"]), num(r["total_reward_mean"]),
+                 num(r["total_reward_min"]), num(r["total_reward_max"]), pct, num(r["first_fifth_reward"], ".4f"),
+                 num(r["last_fifth_reward"], ".4f"), num(r["learning_change"], "+.4f")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -198,6 +261,19 @@ def plot_comparison(experiments: list[Experiment], path: Path, window: int) -> P
     for i, exp in enumerate(experiments):
         x, y = _mean_by_round(exp, "reward_mean")
         ax.plot(x, moving_average(y, max(1, min(w, len(y)))), color=f"C{i % 10}", linewidth=1.8, label=exp.label)
+    return _save(fig, ax, path, len(experiments))
+
+
+def plot_cumulative_comparison(experiments: list[Experiment], path: Path) -> Path:
+    """Running total of each experiment's mean-of-nodes reward: the paper's cumulative-reward view."""
+    fig, ax = _figure("cumulative reward, mean of nodes", "cumulative reward")
+    for i, exp in enumerate(experiments):
+        x, y = _mean_by_round(exp, "reward_mean")
+        running, total = [], 0.0
+        for v in y:
+            total += v
+            running.append(total)
+        ax.plot(x, running, color=f"C{i % 10}", linewidth=1.8, label=exp.label)
     return _save(fig, ax, path, len(experiments))
 
 
