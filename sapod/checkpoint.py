@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -19,7 +18,6 @@ from sapod.errors import Rejected
 from sapod.policy.base import Policy
 from sapod.store import atomic_write_json, read_json
 
-ROUND_DIR_RE = re.compile(r"^round_(\d{1,9})$")
 COUNTERS = "counters.json"
 
 
@@ -75,14 +73,12 @@ def list_checkpoints(root: Path, node_id: str) -> list[tuple[int, Path]]:
     except FileNotFoundError:
         return []
     for name in entries:
-        m = ROUND_DIR_RE.match(name)
-        # Only the canonical name: "round_03", "round_3\n" or a fullwidth digit would list
-        # round_3 again, and the duplicates would make prune delete the latest checkpoint.
-        if not m or name != f"round_{int(m.group(1))}":
+        r = paths.round_number(name)
+        if r is None:
             continue
-        d = paths.checkpoint_dir(root, int(m.group(1)), node_id)
+        d = paths.checkpoint_dir(root, r, node_id)
         if paths.complete_marker(d).is_file():
-            found.append((int(m.group(1)), d))
+            found.append((r, d))
     return sorted(found)
 
 

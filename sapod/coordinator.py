@@ -9,7 +9,6 @@ epoch than its own steps down (Displaced, exit 4).
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,6 @@ from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_files, read_json
-
-
-ROUND_RE = re.compile(r"^round_(0|[1-9]\d{0,8})\Z")
 
 
 def _listdir(folder: Path) -> list[str]:
@@ -130,8 +126,8 @@ class Coordinator(Node):
 
     def _last_tally(self) -> tuple[int, int]:
         """(highest round with a tally, highest epoch in it), or (-1, 0)."""
-        rounds = sorted((int(m.group(1)) for name in _listdir(self.root / "rewards")
-                         if (m := ROUND_RE.match(name))), reverse=True)
+        rounds = sorted((r for name in _listdir(self.root / "rewards")
+                         if (r := paths.round_number(name)) is not None), reverse=True)
         for r in rounds[:8]:  # the newest few suffice; older ones are behind any state
             try:
                 doc = read_json(paths.tally_file(self.root, r, 0))

@@ -14,7 +14,6 @@ every old round it can see, not just the one that just became old.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import stat
 import sys
@@ -27,7 +26,6 @@ from sapod import paths
 from sapod.logs import get_logger
 from sapod.store import fsync_dir
 
-ROUND_RE = re.compile(r"^round_(\d+)$")
 TREES = ("rollouts", "rewards")  # the per-round folders of DESIGN.md section 3 that we own
 
 
@@ -106,12 +104,12 @@ def _round_folders(tree: Path) -> list[tuple[int, Path]]:
     out = []
     with os.scandir(tree) as it:
         for entry in it:
-            m = ROUND_RE.match(entry.name)
-            if m is None:
+            r = paths.round_number(entry.name)
+            if r is None:
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    out.append((int(m.group(1)), Path(entry.path)))
+                    out.append((r, Path(entry.path)))
             except OSError:
                 continue
     return out

@@ -5,7 +5,18 @@ Layout (DESIGN.md section 3) under ``{GDRIVE_PATH}/experiments/{EXPERIMENT_NAME}
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+# Canonical round folder names only: "round_03", "round_3\n" or a fullwidth digit would
+# name round 3 a second time (and, for checkpoints, make pruning delete the latest one).
+_ROUND_DIR = re.compile(r"^round_(0|[1-9][0-9]{0,8})\Z")
+
+
+def round_number(name: str) -> int | None:
+    """The round a folder named ``round_{r}`` is for, or None for any other name."""
+    m = _ROUND_DIR.match(name)
+    return int(m.group(1)) if m else None
 
 
 def experiment_root(shared: Path, experiment: str) -> Path:
