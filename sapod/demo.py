@@ -57,17 +57,25 @@ def demo_main(argv: list[str]) -> int:
     _out(f"sapod demo: {args.workers} workers, {args.rounds} rounds, model {base.model}, "
          f"I={base.num_train_samples} J={base.num_transplant_trees} G={base.num_generations}")
     _out(f"shared folder: {base.root}")
-    if base.model == "sapod:tiny":
-        try:
-            prepare_tiny(base)
-        except (ModelLoadError, OSError) as exc:
-            _out(f"cannot build sapod:tiny: {exc}")
-            return 3
+    if not prepare_model(base):
+        return 3
     t0 = time.monotonic()
     reporter = _RoundReporter(base, worker_ids(args.workers))
     code = run_swarm(base, args.workers, reporter.report)
     _summary(base, time.monotonic() - t0)
     return code
+
+
+def prepare_model(cfg: Config) -> bool:
+    """Before a swarm starts: build sapod:tiny if that is the model. False (said) if it cannot be built."""
+    if cfg.model != "sapod:tiny":
+        return True
+    try:
+        prepare_tiny(cfg)
+    except (ModelLoadError, OSError) as exc:
+        _out(f"cannot build sapod:tiny: {exc}")
+        return False
+    return True
 
 
 def prepare_tiny(cfg: Config) -> None:

@@ -27,8 +27,7 @@ from typing import Any
 from sapod import paths
 from sapod.checkpoint import latest_checkpoint
 from sapod.config import Config, add_arguments, build_config
-from sapod.demo import DEMO_DEFAULTS, prepare_tiny, round_rewards, run_swarm, worker_ids
-from sapod.errors import ModelLoadError
+from sapod.demo import DEMO_DEFAULTS, prepare_model, round_rewards, run_swarm, worker_ids
 from sapod.logs import configure_logging
 from sapod.progress import read_jsonl
 from sapod.report import (Experiment, config_numbers, early_late, format_results, load_experiment, load_rows,
@@ -293,12 +292,8 @@ def experiment_main(argv: list[str]) -> int:
     if baseline is None:
         baseline = f"i{configs[0][0]}j{configs[0][1]}"
         _out(f"warning: no J=0 config: improvements are relative to the first config, {baseline}")
-    if base.model == "sapod:tiny":
-        try:
-            prepare_tiny(base)
-        except (ModelLoadError, OSError) as exc:
-            _out(f"cannot build sapod:tiny: {exc}")
-            return EXIT_START
+    if not prepare_model(base):
+        return EXIT_START
     failed: list[str] = []
     try:
         code, finished = _run_all(out, base, runs, args, failed)
