@@ -105,8 +105,8 @@ OPTIONS: tuple[Option, ...] = (
            allowed="auto, json or console", check=_choice("auto", "json", "console")),
     Option("log_level", "LOG_LEVEL", "info", "log level", kind=lambda s: s.lower(),
            allowed="debug, info, warning or error", check=_choice("debug", "info", "warning", "error")),
-    Option("tasks", "TASKS", "", "reasoning-gym task names (comma-separated) or a jsonl/parquet/csv file; "
-           "empty = the paper's nine tasks"),
+    Option("tasks", "TASKS", "", "reasoning-gym task names (comma-separated), a task mix (easy), or a "
+           "jsonl/parquet/csv file; empty = the paper's nine tasks"),
     Option("device", "DEVICE", "auto", "torch device for workers", allowed="auto, cpu, cuda or cuda:N",
            check=lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
     Option("cache_dir", "SAPOD_CACHE", None, "where sapod:tiny is built and cached; default ~/.cache/sapod",

@@ -22,10 +22,12 @@ import math
 import random
 import re
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from sapod.errors import Rejected
+from sapod.mixes import MIXES, Overrides, thaw
 from sapod.types import TaskItem
 
 DEFAULT_TASKS = (
@@ -153,16 +155,17 @@ def _dataset_size(index: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _rg_dataset(task: str, seed: int, size: int) -> Any:
+def _rg_dataset(task: str, seed: int, size: int, overrides: Overrides) -> Any:
+    """The dataset under a mix's frozen config overrides (part of the key: same seed, other items)."""
     import reasoning_gym
 
     with _GEN_LOCK, contextlib.redirect_stdout(io.StringIO()):
-        return reasoning_gym.create_dataset(task, seed=seed, size=size)
+        return reasoning_gym.create_dataset(task, seed=seed, size=size, **thaw(overrides))
 
 
 @functools.lru_cache(maxsize=4096)
-def _rg_entry(task: str, seed: int, index: int) -> dict[str, Any]:
-    ds = _rg_dataset(task, seed, _dataset_size(index))
+def _rg_entry(task: str, seed: int, index: int, overrides: Overrides) -> dict[str, Any]:
+    ds = _rg_dataset(task, seed, _dataset_size(index), overrides)
     with _GEN_LOCK, contextlib.redirect_stdout(io.StringIO()):
         entry = ds[index]
     return entry
@@ -191,15 +194,17 @@ def _safe_for_eval(answer: str, gold: Any) -> str | None:
         return answer
     try:
         value = ast.literal_eval(answer)
+        text = repr(value)  # eval(repr(literal)) rebuilds the literal and nothing else...
+        ast.literal_eval(text)  # ...if it has a literal form: inf/nan repr as names, a huge int not at all
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
-    return repr(value)  # eval(repr(literal)) rebuilds the literal and nothing else
+    return text
 
 
 @functools.lru_cache(maxsize=4096)
-def _rg_item(task: str, seed: int, index: int) -> TaskItem:
+def _rg_item(task: str, seed: int, index: int, overrides: Overrides) -> TaskItem:
     """The item with JSON-safe metadata, built once (callers must not mutate it)."""
-    e = _rg_entry(task, seed, index)
+    e = _rg_entry(task, seed, index, overrides)
     meta = jsonable(e.get("metadata") or {})
     return TaskItem(task, seed, index, str(e["question"]), _answer_text(e.get("answer")), meta)
 
@@ -209,9 +214,14 @@ def _answer_text(value: Any) -> str | None:
 
 
 class ReasoningGymSource:
-    """Procedural tasks from reasoning-gym; every node regenerates peers' items itself."""
+    """Procedural tasks from reasoning-gym; every node regenerates peers' items itself.
 
-    def __init__(self, tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS):
+    ``overrides`` maps a task to frozen config overrides (a mix's difficulty settings); items,
+    checks and scores of that task all use them. ``mix`` names the mix in ``name``.
+    """
+
+    def __init__(self, tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS, *,
+                 overrides: Mapping[str, Overrides] | None = None, mix: str | None = None):
         from reasoning_gym.factory import DATASETS
 
         names = tuple(dict.fromkeys(t.strip() for t in tasks if t.strip()))
@@ -224,22 +234,26 @@ class ReasoningGymSource:
             for t in unknown:
                 hints += difflib.get_close_matches(t, valid, n=3)
             hints = list(dict.fromkeys(hints)) or valid[:8]
+            mixes = [t for t in unknown if t in MIXES]
             raise ValueError(
-                f"unknown reasoning-gym task(s): {', '.join(unknown)}; "
-                f"valid names include {', '.join(hints)} ({len(valid)} in all)"
-            )
+                f"the task mix {mixes[0]} must be the whole TASKS setting, not part of a list" if mixes
+                else f"unknown reasoning-gym task(s): {', '.join(unknown)}; valid names include "
+                f"{', '.join(hints)} ({len(valid)} in all), or a mix: {', '.join(sorted(MIXES))}"
+            )  # fmt: skip
+        self._overrides = {t: tuple((overrides or {}).get(t, ())) for t in names}
         for t in names:  # fail at startup, not on the first round, for tasks that need a config
             try:
-                _rg_dataset(t, 0, _dataset_size(0))
+                _rg_dataset(t, 0, _dataset_size(0), self._overrides[t])
             except Exception as e:
                 msg = " ".join(str(e).split())[:200]
-                raise ValueError(f"reasoning-gym task {t} cannot be built with defaults: {msg}") from None
+                how = "its mix settings" if self._overrides[t] else "defaults"
+                raise ValueError(f"reasoning-gym task {t} cannot be built with {how}: {msg}") from None
         self.tasks = names
-        self.name = "reasoning_gym:" + ",".join(names)
+        self.name = "reasoning_gym:" + (mix or ",".join(names))
         self.system_prompt = default_system_prompt()
 
     def _item(self, task: str, seed: int, index: int) -> TaskItem:
-        return _rg_item(task, seed, index)
+        return _rg_item(task, seed, index, self._overrides[task])
 
     def sample(self, n: int, seed: int) -> list[TaskItem]:
         if not 0 <= n <= MAX_INDEX + 1:
@@ -265,13 +279,14 @@ class ReasoningGymSource:
         try:
             if item.task not in self.tasks:
                 return 0.0
-            entry = _rg_entry(item.task, item.seed, item.index)
+            overrides = self._overrides[item.task]
+            entry = _rg_entry(item.task, item.seed, item.index, overrides)
             if str(entry["question"]) != item.question:  # an unchecked item: nothing to score against
                 return 0.0
             answer = _extract(completion)
             if answer is None:
                 return 0.0
-            ds = _rg_dataset(item.task, item.seed, _dataset_size(item.index))
+            ds = _rg_dataset(item.task, item.seed, _dataset_size(item.index), overrides)
             if _verifier_evals(type(ds)):
                 answer = _safe_for_eval(answer, entry.get("answer"))
                 if answer is None:
@@ -378,10 +393,14 @@ def _load_rows(path: Path, kind: str) -> list[dict[str, Any]]:
 
 
 def make_task_source(spec: str | None) -> TaskSource:
-    """None/""/"default": the nine SAPO tasks; "a,b": a reasoning-gym subset; a path: a file."""
+    """None/""/"default": the nine SAPO tasks; a mix name (``sapod.mixes``): its tasks at its
+    settings; "a,b": a reasoning-gym subset; a path: a file."""
     if spec is None or spec.strip() in ("", "default"):
         return ReasoningGymSource(DEFAULT_TASKS)
     spec = spec.strip()
+    if spec in MIXES:
+        mix = MIXES[spec]
+        return ReasoningGymSource([t for t, _ in mix], overrides=dict(mix), mix=spec)
     path = Path(spec).expanduser()
     looks_like_file = path.suffix.lower() in FILE_SUFFIXES or "/" in spec or "\\" in spec
     if looks_like_file:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from decimal import Decimal
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from sapod import tasks
 from sapod.errors import Rejected
+from sapod.mixes import MIXES, freeze, thaw
 from sapod.tasks import (
     DEFAULT_TASKS,
     MAX_INDEX,
@@ -162,7 +164,7 @@ def test_answer_extraction_last_tag_wins_and_strips(src, items):
 def test_score_never_raises_and_stays_in_range(src, items, monkeypatch):
     """Verifier exceptions, NaN or out-of-range rewards, odd inputs all give a reward in [0, 1]."""
     it = next(i for i in items if i.answer is not None)
-    ds = tasks._rg_dataset(it.task, it.seed, tasks._dataset_size(it.index))
+    ds = tasks._rg_dataset(it.task, it.seed, tasks._dataset_size(it.index), ())
     for result, expected in ((float("nan"), 0.0), (float("inf"), 0.0), (7.0, 1.0), (-3.0, 0.0), ("x", 0.0)):
         monkeypatch.setattr(ds, "score_answer", lambda a, e, r=result: r)
         assert src.score(it, gold(it)) == expected
@@ -197,6 +199,102 @@ def test_module_import_is_light():
     code = "import sys, sapod.tasks, sapod.sampling; print('torch' in sys.modules, 'reasoning_gym' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
+
+
+# --- named mixes -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def easy() -> ReasoningGymSource:
+    return make_task_source("easy")  # type: ignore[return-value]
+
+
+def test_easy_mix_resolves_by_name(easy):
+    """TASKS=easy gives the mix's tasks in table order, named after the mix."""
+    assert isinstance(easy, ReasoningGymSource)
+    assert easy.tasks == tuple(t for t, _ in MIXES["easy"])
+    assert easy.name == "reasoning_gym:easy"
+    assert make_task_source(" easy ").tasks == easy.tasks
+    assert {i.task for i in easy.sample(200, 3)} == set(easy.tasks)
+
+
+def test_easy_mix_items_follow_the_overrides(easy):
+    """Items are generated at the mix's settings, not reasoning-gym's defaults."""
+    arith = ReasoningGymSource(["basic_arithmetic"], overrides=dict(MIXES["easy"]))
+    default = ReasoningGymSource(["basic_arithmetic"])
+    ours, theirs = arith.sample(30, 8), default.sample(30, 8)
+    assert all(re.fullmatch(r"Calculate (\d|10) [+-] (\d|10)\.", i.question) for i in ours), ours[0].question
+    assert [i.question for i in ours] != [i.question for i in theirs]
+    assert [(i.seed, i.index) for i in ours] == [(i.seed, i.index) for i in theirs]
+
+
+def test_easy_mix_check_accepts_genuine_and_rejects_forged(easy):
+    """check() regenerates under the overrides: genuine claims pass, forged or default-config ones do not."""
+    items = easy.sample(40, 11)
+    tasks._rg_entry.cache_clear()
+    tasks._rg_dataset.cache_clear()
+    tasks._rg_item.cache_clear()
+    for it in items:
+        assert easy.check(it.task, it.seed, it.index, it.question, it.answer) == it
+    it = next(i for i in items if i.task == "basic_arithmetic")
+    with pytest.raises(Rejected, match="question"):
+        easy.check(it.task, it.seed, it.index, it.question + " ", it.answer)
+    with pytest.raises(Rejected, match="answer"):
+        easy.check(it.task, it.seed, it.index, it.question, it.answer + "0")
+    plain = ReasoningGymSource(["basic_arithmetic"])
+    with pytest.raises(Rejected, match="question"):  # same provenance, other config
+        plain.check(it.task, it.seed, it.index, it.question, it.answer)
+    other = plain.sample(1, 5)[0]
+    with pytest.raises(Rejected, match="question"):
+        easy.check(other.task, other.seed, other.index, other.question, other.answer)
+    with pytest.raises(Rejected, match="unknown task"):
+        easy.check("bf", it.seed, it.index, it.question, it.answer)
+
+
+def test_easy_mix_scores_with_the_overrides(easy):
+    """Gold scores 1 under the mix, a wrong answer less; a source without the overrides scores it 0."""
+    plain = ReasoningGymSource(list(easy.tasks))
+    for it in easy.sample(60, 12):
+        assert easy.score(it, gold(it)) == 1.0, it
+        assert easy.score(it, "<answer>wrong-xyzzy</answer>") < 1.0
+        assert plain.score(it, gold(it)) == 0.0  # its regenerated question differs: nothing to score
+    frac = next(i for i in easy.sample(60, 12) if i.task == "fraction_simplification")
+    assert 0.0 < easy.score(frac, "<answer>99/98</answer>") < 1.0  # partial credit keeps groups apart
+
+
+def test_easy_mix_regenerates_in_another_process(easy):
+    """The overrides are part of provenance everywhere: a fresh interpreter checks the same claims."""
+    claims = [[i.task, i.seed, i.index, i.question, i.answer] for i in easy.sample(14, 21)]
+    code = (
+        "import json,sys\nfrom sapod.tasks import make_task_source\ns=make_task_source('easy')\n"
+        "for t,se,ix,q,a in json.load(sys.stdin): s.check(t,se,ix,q,a)\nprint('ok')\n"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="777")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(claims), capture_output=True,
+                         text=True, env=env, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_unknown_or_misused_mix_names_are_clear_errors():
+    """A misspelt mix is an unknown task (the message names the mixes); a mix inside a list is refused."""
+    with pytest.raises(ValueError) as e:
+        make_task_source("eazy")
+    msg = str(e.value)
+    assert "\n" not in msg and "eazy" in msg and "easy" in msg
+    with pytest.raises(ValueError, match="whole TASKS"):
+        make_task_source("easy,bf")
+
+
+def test_freeze_is_hashable_and_order_free():
+    """Frozen overrides are hashable cache keys, equal whatever the dict order; mutable values fail."""
+    a = freeze({"b": [1, [2, 3]], "a": ("x",)})
+    assert a == freeze({"a": ["x"], "b": (1, (2, 3))}) == (("a", ("x",)), ("b", (1, (2, 3))))
+    assert hash(a) == hash(freeze(thaw(a)))
+    with pytest.raises(TypeError):
+        freeze({"a": {"nested": 1}})
+    for _, overrides in MIXES["easy"]:
+        hash(overrides)
+    assert len({t for t, _ in MIXES["easy"]}) == len(MIXES["easy"])  # one config per task
 
 
 # --- file source -----------------------------------------------------------------------

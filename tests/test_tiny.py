@@ -46,6 +46,15 @@ def test_complete_marker_short_circuits(tmp_path):
     assert ensure_tiny(tmp_path, progress=lambda s, f: pytest.fail("built")) == target
 
 
+def test_warmup_trains_on_the_easy_mix():
+    """The warm-up uses the swarm's easy mix at its own settings: one table, in sapod.mixes."""
+    from sapod.mixes import MIXES
+    from sapod.policy.tiny import WARMUP_MIX
+
+    assert TINY_VERSION >= 2  # v1 caches predate the mix and must not be reused
+    assert set(MIXES["easy"]) <= {(task, overrides) for task, overrides, _ in WARMUP_MIX}
+
+
 @pytest.mark.slow
 def test_build_loads_with_auto_classes(built):
     """The built directory loads with AutoModelForCausalLM/AutoTokenizer and reports progress."""
@@ -112,6 +121,23 @@ def test_warmup_taught_answer_format(built):
         out = model.generate(**enc, do_sample=True, temperature=1.0, max_new_tokens=64)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert sum(extract_answer(t) is not None for t in texts) >= len(texts) // 2
+
+
+@pytest.mark.slow
+def test_warmup_leaves_room_to_learn(built):
+    """On TASKS=easy, sampled as a swarm samples (G=4, 48 new tokens, temperature 1), the warm-up
+    model earns some reward but far from all, and many groups have unequal rewards (GRPO's signal)."""
+    from sapod.policy.hf import HFPolicy
+    from sapod.tasks import make_task_source
+
+    src = make_task_source("easy")
+    policy = HFPolicy(str(built[1]), system_prompt=src.system_prompt, max_new_tokens=48, device="cpu")
+    items = src.sample(64, 2024)
+    gen = policy.generate(items, 4, seed=2024)
+    rewards = [[src.score(it, c) for c in comps] for it, comps in zip(items, gen.completions)]
+    mean = sum(map(sum, rewards)) / (4 * len(items))
+    assert 0.05 <= mean <= 0.30, mean
+    assert sum(len(set(r)) > 1 for r in rewards) >= len(items) // 4
 
 
 @pytest.mark.slow

@@ -1,7 +1,10 @@
 """``sapod:tiny``: a small GPT-2 built locally, because nodes may have no model hub.
 
-The build is deterministic (fixed seeds, fixed data order, fixed thread count) and
-cached per ``TINY_VERSION``; bump the version whenever anything below changes the result.
+The warm-up teaches the answer format, mostly on the easy mix (``TASKS=easy``, defined in
+``sapod.mixes``): enough that it earns some reward there, little enough that GRPO has most of
+it left to find. The build is deterministic (fixed seeds, fixed data order, fixed thread
+count) and cached per ``TINY_VERSION``; bump the version whenever anything below changes the
+result (the mix table included).
 """
 
 from __future__ import annotations
@@ -15,15 +18,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sapod.mixes import EASY, Overrides, thaw
+from sapod.tasks import DEFAULT_TASKS
+
 TINY_NAME = "sapod:tiny"
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 EOS = "<|endoftext|>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-TASKS = (
-    "base_conversion", "basic_arithmetic", "arc_1d", "bf", "propositional_logic",
-    "fraction_simplification", "decimal_arithmetic", "calendar_arithmetic", "binary_matrix",
-)  # fmt: skip
 
 VOCAB_SIZE = 1536
 # n_positions: default prompts with the system prompt reach ~420 tokens, plus the completion.
@@ -37,22 +39,15 @@ LR = 3e-3
 # Longer warm-up items are dropped rather than cut: a cut prompt is one generation never sees.
 MAX_TRAIN_TOKENS = 384
 
-# (task, config overrides, items). Easy settings where a tiny model can hit the answer
-# sometimes; default settings for the rest so the model has seen every prompt shape.
-WARMUP_MIX: tuple[tuple[str, dict[str, Any], int], ...] = (
-    ("basic_arithmetic", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1,
-                              operators=("+", "-"), allow_parentheses=False,
-                              allow_negation=False), 600),
-    ("base_conversion", dict(min_base=2, max_base=10, max_value=16), 400),
-    ("calendar_arithmetic", {}, 400),
-    ("fraction_simplification", dict(max_value=20, max_factor=5, styles=("plain",)), 400),
-    ("decimal_arithmetic", dict(min_num_decimal_places=1, max_num_decimal_places=1,
-                                max_terms=2), 300),
-    ("propositional_logic", {}, 200),
-    ("binary_matrix", dict(min_n=3, max_n=3), 200),
-    ("arc_1d", dict(min_size=10, max_size=12), 200),
-    ("bf", {}, 200),
-)  # fmt: skip
+EASY_ITEMS = 600
+DEFAULT_ITEMS = 150
+# (task, frozen config overrides, items). Mostly the easy mix (TASKS=easy), at the settings a
+# swarm running it samples, so the model starts with some reward there and room to learn;
+# a few items of each default task at its defaults so every default prompt shape is known.
+WARMUP_MIX: tuple[tuple[str, Overrides, int], ...] = (
+    *((task, overrides, EASY_ITEMS) for task, overrides in EASY),
+    *((task, (), DEFAULT_ITEMS) for task in DEFAULT_TASKS),
+)
 
 Progress = Callable[[str, float], None]
 
@@ -100,12 +95,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _items(task: str, overrides: dict[str, Any], size: int, seed: int) -> list[dict[str, Any]]:
+def _items(task: str, overrides: Overrides, size: int, seed: int) -> list[dict[str, Any]]:
     import reasoning_gym
 
     # The bf interpreter prints program output on stdout; the node's stdout is not ours.
     with contextlib.redirect_stdout(io.StringIO()):
-        return list(reasoning_gym.create_dataset(task, seed=seed, size=size, **overrides))
+        return list(reasoning_gym.create_dataset(task, seed=seed, size=size, **thaw(overrides)))
 
 
 def _gold(item: dict[str, Any]) -> str:
@@ -120,8 +115,8 @@ def _train_tokenizer(system_prompt: str) -> Any:
 
     def corpus() -> Iterator[str]:
         yield from [system_prompt] * 20
-        for i, task in enumerate(TASKS):
-            for item in _items(task, {}, 300, seed=SEED + i):
+        for i, task in enumerate(DEFAULT_TASKS):
+            for item in _items(task, (), 300, seed=SEED + i):
                 gold = _gold(item)
                 yield f"Question: {item['question']}\nAnswer: {ANSWER_OPEN}{gold}{ANSWER_CLOSE}"
         for i, (task, overrides, _) in enumerate(WARMUP_MIX):
