@@ -44,7 +44,7 @@ class Coordinator(Node):
         state = await self.io(self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
         book = RoundBook(state.round, state.stage)
-        opened = time.monotonic()
+        opened = guard_due = time.monotonic()
         while not self.stop.is_set() and state.status == "open":
             self.round = state.round
             structlog.contextvars.bind_contextvars(round=state.round, stage=state.stage)
@@ -55,7 +55,9 @@ class Coordinator(Node):
                 # watch existed is found by the look, not by the next rescan.
                 self.watch(paths.peers_dir(self.root), paths.rewards_dir(self.root, state.round, state.stage))
                 await self.io(self.table.refresh, self.peer_refresh_age)
-                await self.io(self._guard, state)
+                if time.monotonic() >= guard_due:  # once per POLL_INTERVAL, not on every file event
+                    await self.io(self._guard, state)
+                    guard_due = time.monotonic() + self.cfg.poll_interval
                 await self.io(self._collect, book)
                 if book.accepted and self.table.live("worker") <= book.accepted.keys():
                     await self.io(self.table.refresh)  # about to advance: make sure no newcomer is missed
