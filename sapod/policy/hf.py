@@ -193,7 +193,7 @@ class HFPolicy:
         torch.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed_all(seed)
-        with self._autocast():
+        with self._autocast(), _padding_warning_off():
             out = self.model.generate(
                 **self._shared_prefill(enc, num_generations),
                 do_sample=True,
@@ -335,3 +335,22 @@ class HFPolicy:
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _padding_warning_off():
+    """Silence "We strongly recommend passing in an `attention_mask`..." during generate.
+
+    generate leaves out an all-ones attention mask on decode steps, and a sampled EOS that
+    is also the pad token then looks like padding to the model's check. The mask we pass
+    is right; the warning would only be noise on the node's output.
+    """
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
