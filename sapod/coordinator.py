@@ -8,29 +8,21 @@ epoch than its own steps down (Displaced, exit 4).
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from sapod import PROTOCOL, paths, schema
 from sapod.errors import Displaced, Rejected
-from sapod.housekeeping import tidy_for
+from sapod.housekeeping import round_folders, tidy_for
 from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_files, read_json
-
-
-def _listdir(folder: Path) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []
 
 
 class Coordinator(Node):
@@ -67,13 +59,12 @@ class Coordinator(Node):
                     book = RoundBook(state.round, state.stage)
                     opened = time.monotonic()
                     self.poll_soon()
-                    self.io_ok()
-                    continue
                 self.io_ok()
             except OSError as exc:
                 await self.io_trouble(exc, self.phase)
                 continue
-            await self.wait_event()
+            if reason is None:
+                await self.wait_event()
         if state.status == "finished":
             self.status = "finished"
             await self.set_phase("finished")
@@ -115,12 +106,12 @@ class Coordinator(Node):
                             self.node_id, self.instance)
         if closed >= new.round and new.status == "open":
             self.log.warning("stale_state_skipped", state_round=new.round, last_tally=closed)
-            status = "finished" if closed + 1 >= self.cfg.max_rounds else "open"
-            new = State(min(closed + 1, self.cfg.max_rounds - 1) if status == "open" else closed, 0, new.epoch,
-                        new.seq, status, now, self.node_id, self.instance)
+            if closed + 1 >= self.cfg.max_rounds:
+                new = replace(new, round=closed, stage=0, status="finished", opened_at=now)
+            else:
+                new = replace(new, round=closed + 1, stage=0, opened_at=now)
         if tally_epoch >= new.epoch:
-            new = State(new.round, new.stage, tally_epoch + 1, new.seq, new.status, new.opened_at,
-                        self.node_id, self.instance)
+            new = replace(new, epoch=tally_epoch + 1)
         atomic_write_json(paths.state_file(self.root), schema.state_doc(new))
         self.reader.current = new
         self.epoch = new.epoch
@@ -128,8 +119,7 @@ class Coordinator(Node):
 
     def _last_tally(self) -> tuple[int, int]:
         """(highest round with a tally, highest epoch in it), or (-1, 0)."""
-        rounds = sorted((r for name in _listdir(self.root / "rewards")
-                         if (r := paths.round_number(name)) is not None), reverse=True)
+        rounds = sorted((r for r, _ in round_folders(paths.rewards_root(self.root))), reverse=True)
         for r in rounds[:8]:  # the newest few suffice; older ones are behind any state
             try:
                 doc = read_json(paths.tally_file(self.root, r, 0))

@@ -35,7 +35,8 @@ SHARED_FLAGS = ("model", "seed", "num_train_samples", "num_transplant_trees", "n
                 "experiment")
 
 
-def _out(text: str = "") -> None:
+def say(text: str = "") -> None:
+    """A line of the command's output (stdout; logs go to stderr)."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
@@ -56,9 +57,9 @@ def demo_main(argv: list[str]) -> int:
     defaults = {**DEMO_DEFAULTS, "max_rounds": args.rounds, "checkpoint_interval": args.rounds}
     base = build_config({**flags, "shared": shared}, defaults=defaults)
     configure_logging(base.log_format, base.log_level, stream=sys.stderr)
-    _out(f"sapod demo: {args.workers} workers, {args.rounds} rounds, model {base.model}, "
+    say(f"sapod demo: {args.workers} workers, {args.rounds} rounds, model {base.model}, "
          f"I={base.num_train_samples} J={base.num_transplant_trees} G={base.num_generations}")
-    _out(f"shared folder: {base.root}")
+    say(f"shared folder: {base.root}")
     if not prepare_model(base):
         return 3
     t0 = time.monotonic()
@@ -75,7 +76,7 @@ def prepare_model(cfg: Config) -> bool:
     try:
         prepare_tiny(cfg)
     except (ModelLoadError, OSError) as exc:
-        _out(f"cannot build sapod:tiny: {exc}")
+        say(f"cannot build sapod:tiny: {exc}")
         return False
     return True
 
@@ -95,12 +96,12 @@ def prepare_tiny(cfg: Config) -> None:
             sys.stdout.flush()
         elif pct // 25 > shown.get(stage, -1):
             shown[stage] = pct // 25
-            _out(f"building sapod:tiny: {stage} {pct}%")
+            say(f"building sapod:tiny: {stage} {pct}%")
 
     t0 = time.monotonic()
     where = ensure_tiny(cfg.cache_dir, progress=progress)
     if shown or tty and time.monotonic() - t0 > 1:
-        _out(("\r" if tty else "") + f"built sapod:tiny in {time.monotonic() - t0:.1f}s at {where}" + " " * 20)
+        say(("\r" if tty else "") + f"built sapod:tiny in {time.monotonic() - t0:.1f}s at {where}" + " " * 20)
 
 
 def worker_ids(n_workers: int) -> list[str]:
@@ -161,7 +162,7 @@ async def _run_swarm(base: Config, n_workers: int, on_poll: Callable[[], None] |
     await report()
     failed = [(t.get_name(), r) for t, r in zip(tasks, results) if isinstance(r, BaseException)]
     for name, exc in failed:
-        _out(f"{name} failed: {type(exc).__name__}: {exc}")
+        say(f"{name} failed: {type(exc).__name__}: {exc}")
     return 1 if failed else 0
 
 
@@ -192,7 +193,7 @@ class _RoundReporter:
             took = seconds.get(self.reported)
             took_text = f"{took:5.1f}s" if isinstance(took, (int, float)) else "    ?"
             clear = "\r" + " " * 72 + "\r" if self.tty else ""
-            _out(f"{clear}round {self.reported + 1}/{self.cfg.max_rounds} done in {took_text}   reward: {cells}")
+            say(f"{clear}round {self.reported + 1}/{self.cfg.max_rounds} done in {took_text}   reward: {cells}")
         if self.tty and self.reported + 1 < self.cfg.max_rounds:
             self._bar(state.round)
 
@@ -223,15 +224,15 @@ def round_rewards(root: Path, round_: int) -> dict[str, tuple[float, int]]:
 def _summary(cfg: Config, seconds: float) -> None:
     root = cfg.root
     nodes = sorted(p.name for p in (root / "logs").iterdir() if p.is_dir()) if (root / "logs").is_dir() else []
-    _out()
-    _out(f"{'node':<14}{'rounds':>7}{'mean reward':>13}{'cumulative':>12}{'external used':>15}")
+    say()
+    say(f"{'node':<14}{'rounds':>7}{'mean reward':>13}{'cumulative':>12}{'external used':>15}")
     for node in nodes:
         s = metrics_summary(root, node)
         if s["rounds"] == 0:
             continue
-        _out(f"{node:<14}{s['rounds']:>7}{s['mean_reward']:>13.4f}{s['cumulative_reward']:>12.4f}"
+        say(f"{node:<14}{s['rounds']:>7}{s['mean_reward']:>13.4f}{s['cumulative_reward']:>12.4f}"
              f"{s['external_used']:>15}")
-    _out()
-    _out(f"finished in {seconds:.1f}s; files under {root}")
-    _out(f"  state: {paths.state_file(root)}")
-    _out(f"  metrics: {root / 'logs'}/<node>/metrics.jsonl   checkpoints: {paths.checkpoints_dir(root)}")
+    say()
+    say(f"finished in {seconds:.1f}s; files under {root}")
+    say(f"  state: {paths.state_file(root)}")
+    say(f"  metrics: {root / 'logs'}/<node>/metrics.jsonl   checkpoints: {paths.checkpoints_dir(root)}")

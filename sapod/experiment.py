@@ -27,7 +27,7 @@ from typing import Any
 from sapod import paths
 from sapod.checkpoint import latest_checkpoint
 from sapod.config import Config, add_arguments, build_config
-from sapod.demo import DEMO_DEFAULTS, prepare_model, round_rewards, run_swarm, worker_ids
+from sapod.demo import DEMO_DEFAULTS, prepare_model, round_rewards, run_swarm, say, worker_ids
 from sapod.logs import configure_logging
 from sapod.progress import read_jsonl
 from sapod.report import (Experiment, config_numbers, early_late, format_results, load_experiment, load_rows,
@@ -64,11 +64,6 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.config}-seed{self.seed}"
-
-
-def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
 
 
 def _duration(seconds: float) -> str:
@@ -157,7 +152,7 @@ class _Progress:
         if self.bar_shown:
             sys.stdout.write("\r" + " " * 100 + "\r")
             self.bar_shown = False
-        _out(text)
+        say(text)
 
     def watcher(self, cfg: Config, label: str, already: int) -> Callable[[], None]:
         reader, seen = StateReader(cfg.root), [already]
@@ -182,7 +177,7 @@ class _Progress:
                 sys.stdout.flush()
                 self.bar_shown = True
             elif done % step == 0 or done == cfg.max_rounds:
-                _out(f"  {text}")
+                say(f"  {text}")
         return poll
 
 
@@ -286,12 +281,12 @@ def experiment_main(argv: list[str]) -> int:
     configure_logging(base.log_format, base.log_level, stream=sys.stderr)
     command = "sapod experiment " + shlex.join(argv)
     runs = [Run(i, j, s) for i, j in configs for s in seeds]
-    _out(f"sapod experiment: {len(configs)} configs x {len(seeds)} seeds = {len(runs)} runs of {args.nodes} "
+    say(f"sapod experiment: {len(configs)} configs x {len(seeds)} seeds = {len(runs)} runs of {args.nodes} "
          f"workers x {args.rounds} rounds, model {base.model}, G={base.num_generations}; results in {out}")
     baseline = next((f"i{i}j{j}" for i, j in configs if j == 0), None)
     if baseline is None:
         baseline = f"i{configs[0][0]}j{configs[0][1]}"
-        _out(f"warning: no J=0 config: improvements are relative to the first config, {baseline}")
+        say(f"warning: no J=0 config: improvements are relative to the first config, {baseline}")
     if not prepare_model(base):
         return EXIT_START
     failed: list[str] = []
@@ -388,9 +383,9 @@ def _finish(out: Path, command: str, configs: list[tuple[int, int]], baseline: s
     _write_json(out / "results.json", {"command": command, "settings": plan, "baseline": baseline,
                                        "configs": rows, "runs": runs, "failed": failed})
     (out / "report.md").write_text(_report_md(command, table, runs, plots, note))
-    _out()
-    _out(table)
-    _out()
+    say()
+    say(table)
+    say()
     if not plots and finished:
-        _out("plots skipped: matplotlib is not installed (pip install 'sapod[plot]')")
-    _out(f"wrote {out / 'results.json'}, {out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))
+        say("plots skipped: matplotlib is not installed (pip install 'sapod[plot]')")
+    say(f"wrote {out / 'results.json'}, {out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))

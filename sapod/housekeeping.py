@@ -59,7 +59,7 @@ def tidy_rounds(root: Path, archives: Path, open_round: int, keep_last: int, arc
     found: dict[int, dict[str, Path]] = {}
     for tree in TREES:
         try:
-            for round_, folder in _round_folders(root / tree):
+            for round_, folder in round_folders(root / tree):
                 if round_ < cutoff:
                     found.setdefault(round_, {})[tree] = folder
         except OSError as exc:
@@ -94,7 +94,7 @@ def tidy_for(cfg: Any, open_round: int) -> dict[str, int] | None:
                        cfg.rollout_archive_old)
 
 
-def _round_folders(tree: Path) -> list[tuple[int, Path]]:
+def round_folders(tree: Path) -> list[tuple[int, Path]]:
     """Real folders named exactly ``round_N`` in one listing; links and everything else ignored."""
     try:
         if not stat.S_ISDIR(os.lstat(tree).st_mode):

@@ -55,8 +55,12 @@ def rollout_file(root: Path, round_: int, stage: int, node_id: str) -> Path:
     return rollouts_dir(root, round_, stage) / f"{node_id}.json"
 
 
+def rewards_root(root: Path) -> Path:
+    return root / "rewards"
+
+
 def rewards_dir(root: Path, round_: int, stage: int) -> Path:
-    return root / "rewards" / f"round_{round_}" / f"stage_{stage}"
+    return rewards_root(root) / f"round_{round_}" / f"stage_{stage}"
 
 
 def reward_file(root: Path, round_: int, stage: int, node_id: str) -> Path:

@@ -193,7 +193,8 @@ def list_node_entries(directory: Path) -> dict[str, tuple[str, int]]:
             for entry in it:
                 m = NODE_FILE_RE.match(entry.name)
                 if not m or not valid_node_id(m.group(1)):
-                    _ignored(entry.path, "name is not {node_id}.json")
+                    if not entry.name.startswith("."):  # our temp files, .nfs* leftovers: silently
+                        _ignored(entry.path, "name is not {node_id}.json")
                     continue
                 try:
                     if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
@@ -213,11 +214,8 @@ _LOCK = threading.Lock()
 
 
 def _ignored(path: str, reason: str) -> None:
-    """Log once per path that an entry is ignored (conflict copies, strays, links).
-
-    Hidden names are our own temp files and ``.nfs*`` leftovers: ignored silently.
-    """
-    if os.path.basename(path).startswith(".") or path in _IGNORED:
+    """Log once per path that an entry is ignored (conflict copies, strays, links)."""
+    if path in _IGNORED:
         return
     with _LOCK:
         _IGNORED[path] = None

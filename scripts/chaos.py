@@ -55,6 +55,7 @@ class Proc:
         self.node_id, self.role, self.popen, self.log, self.tag = node_id, role, popen, log, tag
         self.planned: set[int] = {0}  # exit codes that are no violation
         self.stopped = False
+        self.reported = False  # its unplanned exit is already among the violations
         self.peak_rss = 0.0
         self.spawned = time.monotonic()
 
@@ -259,15 +260,11 @@ class Harness:
                 if st.round > seen_round:
                     seen_round, last_progress = st.round, now
                     self.on_round(st.round, maker, payloads, rotation, dead_from)
-            for p in self.procs:
+            for p in list(self.procs):
                 if p.popen.poll() is None:
                     p.peak_rss = max(p.peak_rss, peak_rss_mb(p.popen.pid))
-                elif p.popen.returncode not in p.planned and not getattr(p, "reported", False):
-                    p.reported = True
-                    self.violations.append(f"unplanned exit {p.popen.returncode} of {p.node_id}{p.tag} "
-                                           f"(log {p.log})")
-                    if p.role == "worker" and p.tag == "":
-                        self.spawn(p.node_id, "worker")  # keep the swarm going
+                elif self.unplanned(p) and p.role == "worker" and p.tag == "":
+                    self.spawn(p.node_id, "worker")  # keep the swarm going
             if now - last_progress > a.stall_s:
                 self.violations.append(f"no round advanced for {a.stall_s:.0f} s (stuck at round {seen_round})")
                 break
@@ -328,9 +325,15 @@ class Harness:
                 except subprocess.TimeoutExpired:
                     self.kill(p)
                     p.popen.wait()
-            if p.popen.returncode not in p.planned and not getattr(p, "reported", False):
-                p.reported = True
-                self.violations.append(f"unplanned exit {p.popen.returncode} of {p.node_id}{p.tag} (log {p.log})")
+            self.unplanned(p)
+
+    def unplanned(self, p: Proc) -> bool:
+        """Record an exited process's unplanned exit code once; True the first time."""
+        if p.popen.returncode in p.planned or p.reported:
+            return False
+        p.reported = True
+        self.violations.append(f"unplanned exit {p.popen.returncode} of {p.node_id}{p.tag} (log {p.log})")
+        return True
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,14 +26,9 @@ def _logs(base: Path) -> tuple[list[dict[str, Any]], int]:
     """Every JSON line every process wrote, and the count of lines that were not JSON."""
     rows, other = [], 0
     for path in sorted((base / "logs").glob("*.log")):
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                other += 1
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
+        mine, bad = _file_rows(path)
+        rows += mine
+        other += bad
     return rows, other
 
 
@@ -169,7 +164,7 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
     for p in h.procs:
         if p.tag != "-twin":
             continue
-        mine = [e for e in _file_rows(p.log)]
+        mine, _ = _file_rows(p.log)
         start = next((_ts(e) for e in mine if e.get("event") == "node_starting"), None)
         out = next((_ts(e) for e in mine if e.get("event") == "displaced"), None)
         if start is not None and out is not None:
@@ -207,13 +202,15 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
     return {"figures": figures, "violations": v}
 
 
-def _file_rows(path: Path) -> list[dict[str, Any]]:
-    out = []
+def _file_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """One process's JSON log lines, and how many lines were not JSON."""
+    out, bad = [], 0
     for line in path.read_text(errors="replace").splitlines():
         try:
             obj = json.loads(line)
         except ValueError:
+            bad += 1
             continue
         if isinstance(obj, dict):
             out.append(obj)
-    return out
+    return out, bad
