@@ -31,6 +31,9 @@ from sapod.watch import Watcher, is_remote, mount_fstype, pick_watch_mode
 
 T = TypeVar("T")
 BACKOFF_MAX = 60.0  # seconds between retries of a failing shared folder, at most
+STARTUP_TRIES = 5  # registration attempts on a folder that fails with a transient error
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT,
+                              errno.EBUSY, errno.EINTR})
 
 
 class Node:
@@ -84,15 +87,23 @@ class Node:
     async def startup(self) -> None:
         self.watch_mode, why = pick_watch_mode(self.cfg.watch_mode, self.cfg.shared)
         self.inline_io = not is_remote(mount_fstype(self.cfg.shared))
-        self.registered_at = time.monotonic()
-        try:
-            await self.io(self._check_folder)
-        except OSError as exc:
-            raise StartupError(f"shared folder {self.cfg.shared} is not usable: {exc}") from None
-        self.watcher = Watcher(self.watch_mode, asyncio.get_running_loop())
         self.log.info("node_starting", version=__version__, instance=self.instance, model=self.cfg.model,
                       shared=str(self.cfg.shared), experiment=self.cfg.experiment, watch=self.watch_mode,
                       watch_reason=why, inline_io=self.inline_io)
+        await self._yield_to_live_owner()
+        for attempt in range(1, STARTUP_TRIES + 1):
+            self.registered_at = time.monotonic()
+            try:
+                await self.io(self._check_folder)
+                break
+            except OSError as exc:
+                # A flaky mount (EIO, ENOTCONN, ...) gets a few backed-off tries; a folder
+                # that is not there (an unmounted mount point) fails at once.
+                if exc.errno not in TRANSIENT_ERRNOS or attempt == STARTUP_TRIES:
+                    raise StartupError(f"shared folder {self.cfg.shared} is not usable: {exc}") from None
+                await self.io_trouble(exc, "register")
+        self.io_ok()
+        self.watcher = Watcher(self.watch_mode, asyncio.get_running_loop())
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking file work: in a thread on network and FUSE mounts, where one call can
@@ -162,6 +173,32 @@ class Node:
     def _write_peer(self) -> None:
         self.beat += 1
         atomic_write_json(paths.peer_file(self.root, self.node_id), self._peer_doc(), durable=False)
+
+    def _live_owner(self) -> schema.Peer | None:
+        """Another daemon's heartbeat in our peer file, unless it says it has stopped."""
+        try:
+            doc = read_json(paths.peer_file(self.root, self.node_id))
+            other = schema.parse_peer(doc, self.node_id) if doc else None
+        except (Rejected, OSError):
+            return None
+        if other is None or other.instance == self.instance or other.status in ("stopped", "finished"):
+            return None
+        return other
+
+    async def _yield_to_live_owner(self) -> None:
+        """Before registering: if the heartbeat already under this NODE_ID still moves,
+        step down (exit 4) without touching its file. A crashed predecessor's beat stands
+        still, so a restart waits about two heartbeats and then takes over."""
+        first = await self.io(self._live_owner)
+        deadline = time.monotonic() + 2 * self.cfg.heartbeat_interval + 0.5
+        while first is not None and time.monotonic() < deadline and not self.stop.is_set():
+            await self.nap(self.cfg.heartbeat_interval / 4)
+            now = await self.io(self._live_owner)
+            if now is None:
+                return
+            if (now.instance, now.beat) != (first.instance, first.beat):
+                raise Displaced(f"another daemon (instance {now.instance[:8]} on {now.host}, pid {now.pid}) "
+                                f"owns NODE_ID {self.node_id}")
 
     def _check_owner(self) -> None:
         """Anyone else's instance in our peer file wrote it after our last beat: a twin.

@@ -169,8 +169,10 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
         out = next((_ts(e) for e in mine if e.get("event") == "displaced"), None)
         if start is not None and out is not None:
             twin_s.append(out - start)
-    if any(s > 2 * hb + 0.25 for s in twin_s):
-        v.append(f"a duplicate NODE_ID stepped down after {max(twin_s):.2f} s > two heartbeats ({2 * hb:.2f} s)")
+    # A twin watches the owner's beat for two heartbeats (+0.5 s) before registering.
+    limit = 2 * hb + 0.5 + 0.25
+    if any(s > limit for s in twin_s):
+        v.append(f"a duplicate NODE_ID stepped down after {max(twin_s):.2f} s > {limit:.2f} s")
 
     external = {w: round(sum(1 for x in rs if x.get("n_external", 0) > 0) / max(1, len(rs)), 3)
                 for w, rs in rows.items()}

@@ -120,3 +120,29 @@ def test_failed_checkpoints_keep_the_previous_one_and_are_retried(make_cfg, caps
     nodes = _swarm(make_cfg, workers=1, max_rounds=5, checkpoint_interval=100)
     assert run_nodes(*nodes) == [None, None]
     assert latest_checkpoint(root, "w1")[0] == 4  # owed, taken after the next round anyway
+
+
+def test_registration_retries_a_flaky_folder_but_not_a_missing_one(make_cfg, tmp_path):
+    """EIO while registering: a few backed-off tries (here the 4th succeeds); a folder
+    that is not there, or one that keeps failing, is a failed start (exit 3)."""
+    import asyncio
+
+    from sapod import paths
+    from sapod.coordinator import Coordinator
+    from sapod.errors import StartupError
+    from sapod.node import STARTUP_TRIES
+
+    failpoints.configure("write=EIO:0.7", seed=9)  # draws: fail, fail, fail, pass
+    node = Coordinator(make_cfg("coordinator", "coord", poll_interval=0.01))
+    asyncio.run(node.startup())
+    node.watcher.close()
+    assert node.status == "running" and paths.peer_file(node.root, "coord").is_file()
+
+    failpoints.configure("write=EIO:1")
+    with pytest.raises(StartupError, match="Input/output error"):
+        asyncio.run(Coordinator(make_cfg("coordinator", "coord", poll_interval=0.01)).startup())
+    assert STARTUP_TRIES > 1
+    failpoints.configure("")
+    missing = Coordinator(make_cfg("coordinator", "coord", shared=tmp_path / "not-mounted"))
+    with pytest.raises(StartupError, match="is not a folder"):
+        asyncio.run(missing.startup())
