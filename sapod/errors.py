@@ -23,6 +23,10 @@ class Displaced(SapodError):
     """Another daemon owns this NODE_ID, or a newer coordinator took over; exit 4."""
 
 
+class Stopping(SapodError):
+    """A stop request arrived while the node waited or retried; it winds down and exits 0."""
+
+
 class Rejected(SapodError):
     """Peer data that is not accepted; ``reason`` says why, for the log."""
 

@@ -15,7 +15,7 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ import structlog
 
 from sapod import __version__, paths, schema
 from sapod.config import Config
-from sapod.errors import Displaced, Rejected, StartupError
+from sapod.errors import Displaced, Rejected, StartupError, Stopping
 from sapod.logs import RecordBuffer, get_logger
 from sapod.sdnotify import Notifier
 from sapod.store import atomic_write_json, read_json
@@ -75,7 +75,10 @@ class Node:
             if self.cfg.watchdog_usec > 0:
                 self._wd_task = asyncio.create_task(self._watchdog_loop(), name=f"watchdog-{self.node_id}")
             self.notifier.ready(self._status_text())
-            await self.main()
+            try:
+                await self.main()
+            except Stopping:
+                self.log.info("stopped_while_retrying", phase=self.phase)
             self.check_displaced()
         except Exception as exc:
             if not isinstance(exc, (Displaced, StartupError)):
@@ -256,6 +259,20 @@ class Node:
         self.log.warning("io_error", where=where, errno=errno.errorcode.get(exc.errno or 0, exc.errno),
                          error=str(exc)[:300], failures=self._io_failures, retry_in=round(delay, 2))
         await self.nap(delay)
+
+    async def steady(self, where: str, op: Callable[[], Awaitable[T]]) -> T:
+        """await op() through any number of I/O errors, backing off between tries (see
+        io_trouble); for the steps between registering and the main loop, which a
+        transient EIO must not turn into a crash. Stopping if a stop request comes."""
+        while True:
+            try:
+                return await op()
+            except OSError as exc:
+                if self.stop.is_set():
+                    raise Stopping() from exc
+                await self.io_trouble(exc, where)
+                if self.stop.is_set():
+                    raise Stopping() from exc
 
     def io_ok(self) -> None:
         """A round of file work went through: no longer degraded."""

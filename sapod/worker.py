@@ -21,7 +21,7 @@ import structlog
 
 from sapod import paths, schema
 from sapod.checkpoint import clear_stale_tmp, dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
-from sapod.errors import Displaced, Rejected, StartupError
+from sapod.errors import Displaced, Rejected, StartupError, Stopping
 from sapod.executor import run_on_gpu
 from sapod.gather import GatherResult, choose_external, own_rollouts, read_peer_rollouts, rollouts_doc
 from sapod.node import Node
@@ -37,10 +37,6 @@ from sapod.types import Group
 T = TypeVar("T")
 CHECKPOINT_HEADROOM = 1.2  # free space wanted, relative to the last checkpoint's size
 SWARM_SETTINGS = ("num_train_samples", "num_transplant_trees", "num_generations", "tasks", "seed")
-
-
-class Stopping(Exception):
-    """A stop request arrived; the current round is abandoned."""
 
 
 class Worker(Node):
@@ -67,7 +63,7 @@ class Worker(Node):
         try:
             await self._claim_id()
             self.policy = await loading
-        except (StartupError, Displaced):
+        except (StartupError, Displaced, Stopping):
             loading.cancel()
             raise
         except Exception as exc:  # a model that cannot load is a failed start, not a crash
@@ -115,7 +111,7 @@ class Worker(Node):
     async def _adopt_settings(self) -> None:
         """The coordinator's experiment.json settings are the swarm's; wait for it."""
         self.watch(self.root)
-        while (settings := await self.io(read_experiment, self.root)) is None:
+        while (settings := await self.steady("settings", lambda: self.io(read_experiment, self.root))) is None:
             if self.stop.is_set():
                 raise Stopping()
             await self.wait_event()
@@ -135,12 +131,12 @@ class Worker(Node):
         left = self.registered_at + 1.5 * self.cfg.heartbeat_interval - time.monotonic()
         if left > 0:
             await self.nap(left)
-        await self.heartbeat()
+        await self.steady("claim_id", self.heartbeat)
 
     async def _resume(self) -> None:
-        if stale := await self.io(clear_stale_tmp, self.root, self.node_id):
+        if stale := await self.steady("resume", lambda: self.io(clear_stale_tmp, self.root, self.node_id)):
             self.log.info("stale_checkpoint_tmp_removed", folders=stale)
-        found = await self.io(latest_checkpoint, self.root, self.node_id)
+        found = await self.steady("resume", lambda: self.io(latest_checkpoint, self.root, self.node_id))
         if found is None:
             return
         round_, directory = found
@@ -154,7 +150,7 @@ class Worker(Node):
         self.cumulative_reward = float(counters["cumulative_reward"])
         self.external_used = int(counters.get("external_used", 0))
         self.round = self.last_round
-        self.checkpoint_bytes = await self.io(dir_bytes, directory)
+        self.checkpoint_bytes = await self.steady("resume", lambda: self.io(dir_bytes, directory))
         self.log.info("resumed", checkpoint=str(directory), round=self.last_round, rounds_done=self.rounds_done)
         await self.progress("resumed", checkpoint_round=round_)
 

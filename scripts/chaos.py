@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,10 @@ class Harness:
         self.ballast: Path | None = None
         self.last_order = (0, 0)
         self.clean_coordinator = False
+        self.injected = 0  # rotation faults injected so far: the next one is ROTATION[injected % n]
+        self.next_fault_round = 2
+        self.dead_started = False
+        self.busy: set[str] = set()  # node ids with a fault in progress
 
     # -- processes ------------------------------------------------------------------
     def root(self, node: str) -> Path:
@@ -145,19 +150,30 @@ class Harness:
             p.popen.send_signal(sig)
 
     # -- faults -----------------------------------------------------------------------
-    def inject(self, fault: str) -> None:
-        workers = [w for w in self.running("worker") if w.node_id != self.notes.get("dead")]
+    def inject(self, fault: str) -> bool:
+        """Injects one fault now (or on a short timer); False when it cannot be (no node free).
+
+        A node with a fault still in progress (a kill or restart pending, stopped, a twin
+        deciding) is not picked again until that fault is over: a twin whose original the
+        harness kills or stops meanwhile would rightly carry on, which is not the fault meant."""
+        workers = [w for w in self.running("worker")
+                   if w.node_id != self.notes.get("dead") and w.node_id not in self.busy]
         if fault == "kill-worker" and workers:
             w = self.rng.choice(workers)
+            self.busy.add(w.node_id)
             self.later(self.rng.uniform(0, 0.6), lambda: (self.kill(w), self.later(
-                self.rng.uniform(0.5, 2.0), lambda: self.spawn(w.node_id, "worker"))))
-        elif fault == "kill-coordinator" and self.coord is not None:
+                self.rng.uniform(0.5, 2.0), lambda: (self.spawn(w.node_id, "worker"),
+                                                     self.busy.discard(w.node_id)))))
+        elif fault == "kill-coordinator" and self.coord is not None and self.coord.node_id not in self.busy:
             c = self.coord
+            self.busy.add(c.node_id)
             self.later(self.rng.uniform(0, 0.4), lambda: (self.kill(c), self.later(
-                self.rng.uniform(0.3, 1.5), lambda: self._new_coordinator(c.node_id))))
+                self.rng.uniform(0.3, 1.5), lambda: (self._new_coordinator(c.node_id),
+                                                     self.busy.discard(c.node_id)))))
         elif fault == "stop-worker" and workers:
             w = self.rng.choice(workers)
             w.stopped = True
+            self.busy.add(w.node_id)
             w.popen.send_signal(signal.SIGSTOP)
             self.later(TIMING["PEER_TIMEOUT"] + self.rng.uniform(0.5, 2.0), lambda: self._resume(w))
         elif fault == "duplicate-id" and workers:
@@ -165,15 +181,18 @@ class Harness:
             twin = self.spawn(w.node_id, "worker", tag="-twin")
             twin.planned = {4}
             w.planned.add(4)  # either of the two may be the one that steps down
-        elif fault == "second-coordinator" and self.coord is not None:
+            self.busy.add(w.node_id)  # until one of them has surely stepped down
+            self.later(10 * TIMING["HEARTBEAT_INTERVAL"], lambda: self.busy.discard(w.node_id))
+        elif fault == "second-coordinator" and self.coord is not None and self.coord.node_id not in self.busy:
             self.coord.planned.add(4)
             self.coord_n += 1
             self._new_coordinator(f"coord{self.coord_n + 1}")
         elif fault == "enospc":
             self._toggle_ballast()
         else:
-            return
+            return False
         self.count(fault)
+        return True
 
     def _new_coordinator(self, node: str) -> None:
         self.coord = self.spawn(node, "coordinator")
@@ -182,6 +201,7 @@ class Harness:
         if w.popen.poll() is None:
             w.popen.send_signal(signal.SIGCONT)
         w.stopped = False
+        self.busy.discard(w.node_id)
 
     def _toggle_ballast(self) -> None:
         """Fill the checkpoint disk (a tmpfs) to leave less than a checkpoint's headroom, or empty it."""
@@ -282,10 +302,16 @@ class Harness:
         return result
 
     def on_round(self, r: int, maker: PayloadMaker, payloads: list, rotation: list[str], dead_from: int) -> None:
-        if r == dead_from:
+        """Called once per newly observed round. The harness may miss rounds (a busy machine,
+        a state file caught mid-takeover), so faults are paced by thresholds, not by exact
+        round numbers: every fault of the rotation comes in turn, one every `every` rounds."""
+        if r >= dead_from and not self.dead_started:
+            self.dead_started = True
             self.start_dead_phase()  # first: hostile files go only to workers that will read them
-        elif r < dead_from - 2 and rotation and r >= 2 and r % self.args.every == 0:
-            self.inject(rotation[(r // self.args.every) % len(rotation)])
+        elif r < dead_from - 2 and rotation and r >= self.next_fault_round:
+            if self.inject(rotation[self.injected % len(rotation)]):
+                self.injected += 1
+                self.next_fault_round = r + self.args.every
         if "hostile" in self.faults:
             self.hostile(maker, r, payloads)
 
@@ -294,6 +320,9 @@ class Harness:
         the rounds that follow measure the dead-worker bound alone."""
         if self.ballast is not None:
             self._toggle_ballast()
+        for p in self.procs:  # a twin still deciding would carry on once its original is dead
+            if p.tag == "-twin":
+                self.kill(p)
         workers = [w for w in self.running("worker")]
         if not workers or self.coord is None:
             return
@@ -332,8 +361,21 @@ class Harness:
         if p.popen.returncode in p.planned or p.reported:
             return False
         p.reported = True
-        self.violations.append(f"unplanned exit {p.popen.returncode} of {p.node_id}{p.tag} (log {p.log})")
+        self.violations.append(f"unplanned exit {p.popen.returncode} of {p.node_id}{p.tag} (log {p.log}; "
+                               f"last error: {last_error(p.log)})")
         return True
+
+
+def last_error(log: Path) -> str:
+    """The last error or warning line a process logged, to say why it exited."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        if '"error"' in line or '"warning"' in line or "Traceback" in line:
+            return line[:400]
+    return lines[-1][:400] if lines else "empty log"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -347,7 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="sapod:scripted")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sapod")
     ap.add_argument("--stall-s", type=float, default=60.0, help="fail when no round advances this long")
-    ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a tmp folder)")
+    ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a tmp folder, kept only when a check fails)")
     ap.add_argument("--short", action="store_true", help="the CI configuration: 4 workers, 30 rounds, every 2")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -371,10 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
-        result = Harness(args, args.keep).run()
+        base = args.keep
     else:
-        with tempfile.TemporaryDirectory(prefix="sapod-chaos-") as tmp:
-            result = Harness(args, Path(tmp)).run()
+        base = Path(tempfile.mkdtemp(prefix="sapod-chaos-"))
+    result = Harness(args, base).run()
     width = max(len(k) for k in result["figures"])
     print(f"chaos: {args.workers} workers, {args.rounds} rounds, faults {', '.join(args.faults)}")
     for key, value in result["figures"].items():
@@ -382,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     for v in result["violations"]:
         print(f"VIOLATION: {v}")
     print("ok: every invariant held" if not result["violations"] else f"{len(result['violations'])} violation(s)")
+    if not args.keep:
+        if result["violations"]:
+            print(f"the folder and logs are kept for inspection: {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

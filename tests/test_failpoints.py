@@ -146,3 +146,34 @@ def test_registration_retries_a_flaky_folder_but_not_a_missing_one(make_cfg, tmp
     missing = Coordinator(make_cfg("coordinator", "coord", shared=tmp_path / "not-mounted"))
     with pytest.raises(StartupError, match="is not a folder"):
         asyncio.run(missing.startup())
+
+
+@pytest.mark.parametrize("first", ["coord", "w1"])
+def test_errors_between_registering_and_the_first_round_are_retried(make_cfg, monkeypatch, capsys, first):
+    """Every write and listing fails for a while right after one node has registered (the
+    coordinator's experiment file and takeover; the worker's id check, settings and
+    resume): it backs off, says where, and then runs every round, instead of crashing
+    or failing to start. (POLL_INTERVAL 0.2 s: the other node's registration tries
+    outlast the 0.4 s window.)"""
+    import asyncio
+    import json
+
+    from conftest import read_rows, run_nodes
+    from sapod import paths
+    from sapod.node import Node
+
+    register = Node.startup
+
+    async def startup(self):
+        await register(self)
+        if self.node_id == first:  # from now on, for 0.4 s, nothing goes through
+            failpoints.configure("write=EIO:1,list=ENOTCONN:1")
+            asyncio.get_running_loop().call_later(0.4, failpoints.configure, "")
+
+    monkeypatch.setattr(Node, "startup", startup)
+    nodes = _swarm(make_cfg, workers=1, max_rounds=2, poll_interval=0.2)
+    assert run_nodes(*nodes, timeout=60) == [None, None]
+    assert [r["round"] for r in read_rows(paths.metrics_file(nodes[0].root, "w1"))] == [0, 1]
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    where = {e["where"] for e in logged if e.get("event") == "io_error" and e["node"] == first}
+    assert where & ({"experiment", "takeover"} if first == "coord" else {"claim_id", "settings"})
