@@ -64,29 +64,81 @@ def pick_watch_mode(requested: str, shared: Path, mounts: str = "/proc/self/moun
     return "inotify", f"{fstype} mount"
 
 
+class _Folder:
+    """The one watchdog handler of a watched folder: wakes every Watcher subscribed to it.
+
+    An event costs one call here however many nodes watch the folder, and at most one
+    hop onto each event loop until that loop has run it: a round's files make dozens of
+    events, and with one handler (and one wake-up) per node per event, N nodes in one
+    process would do N x events work on the observer's thread and the loop.
+    """
+
+    def __init__(self) -> None:
+        self.watchers: set[Watcher] = set()
+        self.loops: dict[asyncio.AbstractEventLoop, int] = {}  # subscribers per loop
+        self._scheduled: set[asyncio.AbstractEventLoop] = set()  # loops with a wake-up pending
+
+    def subscribe(self, w: Watcher) -> None:
+        self.watchers.add(w)
+        self.loops[w.loop] = self.loops.get(w.loop, 0) + 1
+
+    def unsubscribe(self, w: Watcher) -> None:
+        if w in self.watchers:
+            self.watchers.discard(w)
+            self.loops[w.loop] -= 1
+            if not self.loops[w.loop]:
+                del self.loops[w.loop]
+
+    # watchdog's dispatch protocol (runs on the observer's thread)
+    def dispatch(self, event: Any) -> None:
+        if event.event_type in READ_EVENTS:
+            return
+        for loop in tuple(self.loops):
+            # Set before the hop is scheduled, cleared by the hop before it wakes anyone:
+            # an event that finds it set is followed by a wake-up that sees its effect.
+            if loop not in self._scheduled:
+                self._scheduled.add(loop)
+                try:
+                    loop.call_soon_threadsafe(self._wake, loop)
+                except RuntimeError:  # that loop is closed
+                    self._scheduled.discard(loop)
+
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled.discard(loop)
+        for w in tuple(self.watchers):
+            if w.loop is loop:
+                w.wake()
+
+
 class _SharedObserver:
     """One inotify observer per process, shared by every node in it.
 
     watchdog opens one inotify instance per watched folder, and a user may hold only
     128 of them: with one observer per node, a box running many nodes would run out.
     Shared, the nodes watching the same folder (the state folder, this round's
-    rollouts) share one watch, which is dropped when its last node lets go.
+    rollouts) share one watch and one handler (a _Folder), dropped when its last
+    node lets go.
     """
 
     _lock = threading.Lock()
     _observer: Any = None
-    _watches: dict[str, tuple[Any, set[Any]]] = {}
+    _watches: dict[str, tuple[Any, _Folder]] = {}
     _users = 0
 
     @classmethod
-    def acquire(cls) -> None:
+    def _start(cls) -> Any:
         from watchdog.observers.inotify import InotifyObserver
 
+        observer = InotifyObserver()
+        observer.daemon = True
+        observer.start()
+        return observer
+
+    @classmethod
+    def acquire(cls) -> None:
         with cls._lock:
             if cls._observer is None:
-                cls._observer = InotifyObserver()
-                cls._observer.daemon = True
-                cls._observer.start()
+                cls._observer = cls._start()
             cls._users += 1
 
     @classmethod
@@ -105,27 +157,16 @@ class _SharedObserver:
         The observer thread can die (an inotify error, a watched folder vanishing under
         it); without this, file events would stop for good and only rescans be left.
         """
-        from watchdog.observers.inotify import InotifyObserver
-
         with cls._lock:
             if cls._observer is None or cls._observer.is_alive():
                 return False
-            old, cls._observer = cls._observer, InotifyObserver()
-            cls._observer.daemon = True
-            cls._observer.start()
+            old, cls._observer = cls._observer, cls._start()
             watches, cls._watches = cls._watches, {}
-            for folder, (_, handlers) in watches.items():
-                watch = None
-                for handler in handlers:
-                    try:
-                        if watch is None:
-                            watch = cls._observer.schedule(handler, folder, recursive=False)
-                            cls._watches[folder] = (watch, set())
-                        else:
-                            cls._observer.add_handler_for_watch(handler, watch)
-                        cls._watches[folder][1].add(handler)
-                    except OSError:
-                        break  # the folder is gone; the node re-watches what it needs
+            for folder, (_, handler) in watches.items():
+                try:
+                    cls._watches[folder] = (cls._observer.schedule(handler, folder, recursive=False), handler)
+                except OSError:
+                    pass  # the folder is gone; the node re-watches what it needs
         try:
             old.stop()
         except Exception:  # noqa: BLE001 - a dead observer may fail to stop; it is already gone
@@ -133,26 +174,21 @@ class _SharedObserver:
         return True
 
     @classmethod
-    def add(cls, handler: Any, folder: str) -> None:
+    def add(cls, watcher: Watcher, folder: str) -> None:
         with cls._lock:
-            if folder in cls._watches:
-                watch, handlers = cls._watches[folder]
-                cls._observer.add_handler_for_watch(handler, watch)
-            else:
-                watch, handlers = cls._observer.schedule(handler, folder, recursive=False), set()
-                cls._watches[folder] = (watch, handlers)
-            handlers.add(handler)
+            if folder not in cls._watches:
+                handler = _Folder()
+                cls._watches[folder] = (cls._observer.schedule(handler, folder, recursive=False), handler)
+            cls._watches[folder][1].subscribe(watcher)
 
     @classmethod
-    def remove(cls, handler: Any, folder: str) -> None:
+    def remove(cls, watcher: Watcher, folder: str) -> None:
         with cls._lock:
             if cls._observer is None or folder not in cls._watches:
                 return
-            watch, handlers = cls._watches[folder]
-            handlers.discard(handler)
-            if handlers:
-                cls._observer.remove_handler_for_watch(handler, watch)
-            else:
+            watch, handler = cls._watches[folder]
+            handler.unsubscribe(watcher)
+            if not handler.watchers:
                 del cls._watches[folder]
                 cls._observer.unschedule(watch)
 
@@ -162,42 +198,36 @@ class Watcher:
 
     def __init__(self, mode: str, loop: asyncio.AbstractEventLoop):
         self.mode = mode
-        self._loop = loop
+        self.loop = loop
         self._wake = asyncio.Event()
-        self._handler: Any = None
+        self._active = mode == "inotify"
         self._folders: set[str] = set()
         self.degraded = False
         self._log = get_logger()
-        if mode == "inotify":
-            from watchdog.events import FileSystemEventHandler
-
-            watcher = self
-
-            class _Bridge(FileSystemEventHandler):
-                # Runs on the observer's thread: hand over to the loop, do nothing else.
-                def on_any_event(self, event: Any) -> None:
-                    if event.event_type in READ_EVENTS:
-                        return
-                    watcher._loop.call_soon_threadsafe(watcher._wake.set)
-
-            self._handler = _Bridge()
+        if self._active:
             _SharedObserver.acquire()
+
+    def wake(self) -> None:
+        """On the loop's thread: something changed in a watched folder."""
+        self._wake.set()
 
     def watch(self, folders: list[Path]) -> None:
         """Watch exactly these folders (creating them), dropping the others."""
-        if self._handler is None:
+        if not self._active:
             return
         wanted = {str(f) for f in folders}
+        if wanted == self._folders:
+            return
         for old in self._folders - wanted:
             try:
-                _SharedObserver.remove(self._handler, old)
+                _SharedObserver.remove(self, old)
             except (KeyError, ValueError, OSError):
                 pass
             self._folders.discard(old)
         for folder in wanted - self._folders:
             try:
                 Path(folder).mkdir(parents=True, exist_ok=True)
-                _SharedObserver.add(self._handler, folder)
+                _SharedObserver.add(self, folder)
                 self._folders.add(folder)
             except OSError as exc:
                 # Without the watch the rescan still finds everything, only later.
@@ -210,14 +240,14 @@ class Watcher:
             await asyncio.wait_for(self._wake.wait(), timeout)
             return True
         except asyncio.TimeoutError:
-            if self._handler is not None and _SharedObserver.revive():
+            if self._active and _SharedObserver.revive():
                 self._log.warning("observer_restarted", folders=len(self._folders))
             return False
         finally:
             self._wake.clear()
 
     def close(self) -> None:
-        if self._handler is not None:
+        if self._active:
             self.watch([])
-            self._handler = None
+            self._active = False
             _SharedObserver.release()

@@ -122,3 +122,37 @@ def test_dead_observer_is_restarted_with_its_watches(tmp_path):
             w.close()
 
     assert asyncio.run(go()) < 2.0
+
+
+def test_many_watchers_share_one_handler_and_all_wake(tmp_path):
+    """Fifty watchers of one folder in one loop: one inotify watch and handler, every
+    watcher woken by a burst of writes, each wait woken promptly, the watch dropped
+    with its last watcher."""
+    from sapod.watch import _SharedObserver
+
+    folder = tmp_path / "round"
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        ws = [Watcher("inotify", loop) for _ in range(50)]
+        try:
+            for w in ws:
+                w.watch([folder])
+            assert len(_SharedObserver._watches) == 1
+            handler = _SharedObserver._watches[str(folder)][1]
+            assert len(handler.watchers) == 50 and handler.loops == {loop: 50}
+            for round_ in range(3):
+                for i in range(20):  # a burst: many events, coalesced into few wake-ups
+                    loop.call_later(0.05, (folder / f"w{round_}-{i}.json").write_text, "{}")
+                woke = await asyncio.gather(*(w.wait(10) for w in ws))
+                assert all(woke)
+            for w in ws[:-1]:
+                w.watch([])
+            assert len(handler.watchers) == 1 and str(folder) in _SharedObserver._watches
+            ws[-1].watch([])
+            assert str(folder) not in _SharedObserver._watches
+        finally:
+            for w in ws:
+                w.close()
+
+    asyncio.run(asyncio.wait_for(go(), 30))
