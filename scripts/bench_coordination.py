@@ -12,8 +12,11 @@ All nodes share one event loop, one executor thread and the machine's cores, so 
 round's time here is roughly N times one node's cost; on a real swarm each node has
 its own. Reads are counted as each node would make them alone: nodes in one
 process share parsed peer files through a cache ("reads_in_process" in the JSON).
+``--processes P`` deals the workers out to P child processes and leaves the
+coordinator alone in this one, for machines with cores to spare.
 
     python scripts/bench_coordination.py --nodes 2,8,32,128 --rounds 30
+    python scripts/bench_coordination.py --nodes 8,128 --modes inotify --processes 1,2
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from sapod import paths
 from sapod.config import build_config
@@ -42,13 +48,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def run_swarm(shared: Path, n: int, rounds: int, mode: str, poll: float) -> float:
-    flags = {"shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(rounds),
-             "watch_mode": mode, "poll_interval": str(poll), "heartbeat_interval": "5", "peer_timeout": "120",
-             "gather_timeout": "60", "round_timeout": "300", "checkpoint_interval": str(rounds),
-             "log_level": "warning", "log_to_shared": "false"}
-    nodes = [Coordinator(build_config({**flags, "role": "coordinator", "node_id": "coord"}, {}))]
-    nodes += [Worker(build_config({**flags, "role": "worker", "node_id": f"w{i:03d}"}, {})) for i in range(n)]
+def node_config(shared: Path, role: str, node_id: str, rounds: int, mode: str, poll: float) -> Any:
+    return build_config({
+        "shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(rounds),
+        "watch_mode": mode, "poll_interval": str(poll), "heartbeat_interval": "5", "peer_timeout": "120",
+        "gather_timeout": "60", "round_timeout": "300", "checkpoint_interval": str(rounds),
+        "log_level": "warning", "log_to_shared": "false", "role": role, "node_id": node_id}, {})
+
+
+async def run_nodes(nodes: list) -> float:
     t0 = time.monotonic()
     results = await asyncio.gather(*(node.run() for node in nodes), return_exceptions=True)
     failed = [r for r in results if isinstance(r, BaseException)]
@@ -57,18 +65,61 @@ async def run_swarm(shared: Path, n: int, rounds: int, mode: str, poll: float) -
     return time.monotonic() - t0
 
 
-def bench(n: int, rounds: int, mode: str, poll: float, where: str | None = None) -> dict:
+def worker_ids(n: int) -> list[str]:
+    return [f"w{i:03d}" for i in range(n)]
+
+
+def run_workers(shared: str, ids: list[str], rounds: int, mode: str, poll: float, counts: str) -> None:
+    """A child process's share of the workers; its operation counts go to ``counts``."""
+    configure_logging("json", "warning", stream=sys.stderr)
+    IO.clear()
+    run_loop(run_nodes([Worker(node_config(Path(shared), "worker", i, rounds, mode, poll)) for i in ids]))
+    Path(counts).write_text(json.dumps(dict(IO)))
+
+
+def run_swarm(shared: Path, n: int, rounds: int, mode: str, poll: float, processes: int = 1) -> tuple[float, dict]:
+    """(wall seconds, operation counts). With ``processes`` > 1 the workers are dealt
+    out to that many child processes and the coordinator runs here, alone."""
+    IO.clear()
+    coord = Coordinator(node_config(shared, "coordinator", "coord", rounds, mode, poll))
+    if processes <= 1:
+        wall = run_loop(run_nodes([coord] + [Worker(node_config(shared, "worker", i, rounds, mode, poll))
+                                             for i in worker_ids(n)]))
+        return wall, dict(IO)
+    ctx = multiprocessing.get_context("spawn")
+    shares = [worker_ids(n)[k::processes] for k in range(processes)]
+    files = [shared.parent / f"counts-{k}.json" for k in range(processes)]
+    children = [ctx.Process(target=run_workers, args=(str(shared), ids, rounds, mode, poll, str(f)))
+                for ids, f in zip(shares, files) if ids]
+    for c in children:
+        c.start()
+    try:
+        wall = run_loop(run_nodes([coord]))
+    finally:
+        for c in children:
+            c.join()
+    if any(c.exitcode != 0 for c in children):
+        raise RuntimeError(f"worker processes exited with {[c.exitcode for c in children]}")
+    ops = Counter(IO)
+    for f in files:
+        if f.exists():
+            ops.update(json.loads(f.read_text()))
+    return wall, dict(ops)
+
+
+def bench(n: int, rounds: int, mode: str, poll: float, where: str | None = None, processes: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="sapod-bench-", dir=where) as tmp:
-        IO.clear()
-        wall = run_loop(run_swarm(Path(tmp), n, rounds, mode, poll))
-        ops = dict(IO)
-        root = paths.experiment_root(Path(tmp), "bench")
+        shared = Path(tmp) / "shared"
+        shared.mkdir()
+        wall, ops = run_swarm(shared, n, rounds, mode, poll, processes)
+        root = paths.experiment_root(shared, "bench")
         events = [e for e in read_jsonl(paths.progress_file(root, "coord")) if e.get("event") == "round_complete"]
     per_round = [float(e["seconds"]) for e in events[1:]]
     span = float(events[-1]["ts"]) - float(events[0]["ts"]) if len(events) > 1 else wall
     node_rounds = n * rounds
     return {
         "mode": mode, "nodes": n, "rounds": rounds, "poll_interval": poll, "folder": where or tempfile.gettempdir(),
+        "processes": processes,
         "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
         "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
         # Nodes sharing this process read each peer file once between them (a process-wide
@@ -89,19 +140,23 @@ def main() -> int:
     ap.add_argument("--poll-interval", type=float, default=0.5, help="POLL_INTERVAL in seconds [0.5]")
     ap.add_argument("--dir", help="where the shared folder is made (a tmpfs such as /dev/shm separates the "
                                   "protocol's cost from the disk's) [the system temp folder]")
+    ap.add_argument("--processes", default="1", help="comma-separated counts of worker processes: 1 runs every "
+                                                     "node in this process; P > 1 deals the workers out to P child "
+                                                     "processes and runs the coordinator here, alone [1]")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     args = ap.parse_args()
     configure_logging("json", "warning", stream=sys.stderr)
     results = []
-    print(f"{'mode':<8}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
+    print(f"{'mode':<8}{'procs':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
           f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
-    for mode in args.modes.split(","):
-        for n in (int(x) for x in args.nodes.split(",")):
-            r = bench(n, args.rounds, mode, args.poll_interval, args.dir)
-            results.append(r)
-            p = r["per_node_round"]
-            print(f"{mode:<8}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}"
-                  f"{p['files_written']:>8.2f}{p['appends']:>9.2f}{p['reads']:>8.1f}{p['listings']:>8.1f}", flush=True)
+    for mode, procs, n in ((m, int(k), int(x)) for m in args.modes.split(",")
+                           for k in args.processes.split(",") for x in args.nodes.split(",")):
+        r = bench(n, args.rounds, mode, args.poll_interval, args.dir, procs)
+        results.append(r)
+        p = r["per_node_round"]
+        print(f"{mode:<8}{procs:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}"
+              f"{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}{p['reads']:>8.1f}"
+              f"{p['listings']:>8.1f}", flush=True)
     out = {"benchmark": "coordination", "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -1,4 +1,4 @@
-"""The helper scripts users run: a tmux swarm on one box."""
+"""The helper scripts users run: a tmux swarm on one box; the coordination benchmark."""
 
 from __future__ import annotations
 
@@ -56,3 +56,21 @@ def test_tmux_swarm_refuses_bad_input(tmp_path):
     res = subprocess.run([str(SCRIPTS / "tmux-swarm.sh"), "-n", "x"], env={**env, "GDRIVE_PATH": str(tmp_path)},
                          capture_output=True, text=True)
     assert res.returncode == 2 and "-n must be" in res.stderr
+
+
+def test_bench_coordination_in_one_and_in_several_processes(tmp_path):
+    """The coordination benchmark runs a real swarm both ways and reports its figures
+    (counts of shared-folder operations, per-round overhead); no timing assertions."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_coordination.py"), "--nodes", "2", "--rounds", "4",
+                           "--modes", "inotify", "--processes", "1,2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["processes"], r["nodes"], r["rounds"]) for r in results] == [(1, 2, 4), (2, 2, 4)]
+    for r in results:
+        ops = r["per_node_round"]
+        # every node-round publishes its rollouts and its submission; each worker reads its peer's rollouts
+        assert ops["files_written"] >= 2 and ops["reads"] >= 1 and ops["appends"] >= 3
+        assert 0 < r["overhead_p50_ms"] <= r["overhead_p95_ms"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["results"] == results
