@@ -30,10 +30,10 @@ class Coordinator(Node):
 
     async def main(self) -> None:
         await self.set_phase("register")
-        settings = await self.steady("experiment", lambda: self.io(self._ensure_experiment))
+        settings = await self.steady("experiment", self._ensure_experiment)
         self.reader = StateReader(self.root, trust_stat=self.inline_io)
         self.table = PeerTable.shared(self.root, self.cfg.peer_timeout)
-        state = await self.steady("takeover", lambda: self.io(self._take_over))
+        state = await self.steady("takeover", self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
         book = RoundBook(state.round, state.stage)
         opened = guard_due = time.monotonic()

@@ -32,6 +32,7 @@ from sapod.logs import configure_logging
 from sapod.progress import read_jsonl
 from sapod.report import (Experiment, config_numbers, early_late, format_results, load_experiment, load_rows,
                           plot_comparison, plot_cumulative_comparison, summary_rows, total_format)
+from sapod.schema import State
 from sapod.state import StateReader
 
 PASS_FLAGS = ("model", "seed", "num_generations", "max_new_tokens", "learning_rate", "temperature", "tasks",
@@ -115,12 +116,17 @@ def run_root(out: Path, run: Run) -> Path:
     return paths.experiment_root(out / "runs" / run.name, run.name)
 
 
+def _completed(state: State) -> int:
+    """Rounds the coordinator has closed: all before the open one, all up to a finished one."""
+    return state.round + 1 if state.status == "finished" else state.round
+
+
 def _done_rounds(root: Path, rounds: int) -> tuple[int, bool]:
     """(rounds the coordinator has completed, whether all ``rounds`` are)."""
     state = StateReader(root).read()
     if state is None:
         return 0, False
-    done = state.round + 1 if state.status == "finished" else state.round
+    done = _completed(state)
     return done, state.status == "finished" and done >= rounds
 
 
@@ -162,7 +168,7 @@ class _Progress:
             state = reader.read()
             if state is None:
                 return
-            done = state.round + 1 if state.status == "finished" else state.round
+            done = _completed(state)
             if done <= seen[0]:
                 return
             self.done += done - seen[0]

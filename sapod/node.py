@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -260,13 +261,16 @@ class Node:
                          error=str(exc)[:300], failures=self._io_failures, retry_in=round(delay, 2))
         await self.nap(delay)
 
-    async def steady(self, where: str, op: Callable[[], Awaitable[T]]) -> T:
-        """await op() through any number of I/O errors, backing off between tries (see
-        io_trouble); for the steps between registering and the main loop, which a
-        transient EIO must not turn into a crash. Stopping if a stop request comes."""
+    async def steady(self, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) through any number of I/O errors, backing off between tries (see
+        io_trouble): file work (a plain function, run as ``io`` runs it) or a coroutine
+        function. For the steps between registering and the main loop, which a transient
+        EIO must not turn into a crash; Stopping if a stop request comes."""
         while True:
             try:
-                return await op()
+                if inspect.iscoroutinefunction(fn):
+                    return await fn(*args)
+                return await self.io(fn, *args)
             except OSError as exc:
                 if self.stop.is_set():
                     raise Stopping() from exc

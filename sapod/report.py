@@ -8,6 +8,7 @@ Agg canvas directly so no GUI backend or pyplot global state is involved.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import re
 import sys
@@ -269,11 +270,7 @@ def plot_cumulative_comparison(experiments: list[Experiment], path: Path) -> Pat
     fig, ax = _figure("cumulative reward, mean of nodes", "cumulative reward")
     for i, exp in enumerate(experiments):
         x, y = _mean_by_round(exp, "reward_mean")
-        running, total = [], 0.0
-        for v in y:
-            total += v
-            running.append(total)
-        ax.plot(x, running, color=f"C{i % 10}", linewidth=1.8, label=exp.label)
+        ax.plot(x, list(itertools.accumulate(y)), color=f"C{i % 10}", linewidth=1.8, label=exp.label)
     return _save(fig, ax, path, len(experiments))
 
 

@@ -219,6 +219,17 @@ class Submission:
     cumulative_reward: float
 
 
+def submission_doc(node_id: str, instance: str, round_: int, stage: int, epoch: int, *, reward_mean: float,
+                   reward_sum: float, n_completions: int, n_local: int, external_sources: list[str],
+                   cumulative_reward: float) -> dict[str, Any]:
+    """A worker's submission; ``external_sources`` names the peer of each external group trained on."""
+    doc = envelope(REWARDS, node_id, instance, round_, stage, epoch)
+    doc.update(reward_mean=reward_mean, reward_sum=reward_sum, n_completions=n_completions, n_local=n_local,
+               n_external=len(external_sources), external_from=sorted(set(external_sources)),
+               cumulative_reward=cumulative_reward)
+    return doc
+
+
 def parse_submission(d: dict[str, Any], node_id: str, round_: int, stage: int) -> Submission:
     check_envelope(d, REWARDS, node_id)
     _same_slot(d, round_, stage)

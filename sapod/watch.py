@@ -74,26 +74,32 @@ class _Folder:
     """
 
     def __init__(self) -> None:
-        self.watchers: set[Watcher] = set()
-        self.loops: dict[asyncio.AbstractEventLoop, int] = {}  # subscribers per loop
+        self.by_loop: dict[asyncio.AbstractEventLoop, set[Watcher]] = {}
         self._scheduled: set[asyncio.AbstractEventLoop] = set()  # loops with a wake-up pending
 
+    @property
+    def watchers(self) -> set[Watcher]:
+        return set().union(*self.by_loop.values())
+
+    @property
+    def loops(self) -> dict[asyncio.AbstractEventLoop, int]:
+        """Subscribers per event loop."""
+        return {loop: len(ws) for loop, ws in self.by_loop.items()}
+
     def subscribe(self, w: Watcher) -> None:
-        self.watchers.add(w)
-        self.loops[w.loop] = self.loops.get(w.loop, 0) + 1
+        self.by_loop.setdefault(w.loop, set()).add(w)
 
     def unsubscribe(self, w: Watcher) -> None:
-        if w in self.watchers:
-            self.watchers.discard(w)
-            self.loops[w.loop] -= 1
-            if not self.loops[w.loop]:
-                del self.loops[w.loop]
+        mine = self.by_loop.get(w.loop, set())
+        mine.discard(w)
+        if not mine:
+            self.by_loop.pop(w.loop, None)
 
     # watchdog's dispatch protocol (runs on the observer's thread)
     def dispatch(self, event: Any) -> None:
         if event.event_type in READ_EVENTS:
             return
-        for loop in tuple(self.loops):
+        for loop in tuple(self.by_loop):
             # Set before the hop is scheduled, cleared by the hop before it wakes anyone:
             # an event that finds it set is followed by a wake-up that sees its effect.
             if loop not in self._scheduled:
@@ -105,9 +111,8 @@ class _Folder:
 
     def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled.discard(loop)
-        for w in tuple(self.watchers):
-            if w.loop is loop:
-                w.wake()
+        for w in tuple(self.by_loop.get(loop, ())):
+            w.wake()
 
 
 class _SharedObserver:
@@ -188,7 +193,7 @@ class _SharedObserver:
                 return
             watch, handler = cls._watches[folder]
             handler.unsubscribe(watcher)
-            if not handler.watchers:
+            if not handler.by_loop:
                 del cls._watches[folder]
                 cls._observer.unschedule(watch)
 

@@ -111,7 +111,7 @@ class Worker(Node):
     async def _adopt_settings(self) -> None:
         """The coordinator's experiment.json settings are the swarm's; wait for it."""
         self.watch(self.root)
-        while (settings := await self.steady("settings", lambda: self.io(read_experiment, self.root))) is None:
+        while (settings := await self.steady("settings", read_experiment, self.root)) is None:
             if self.stop.is_set():
                 raise Stopping()
             await self.wait_event()
@@ -134,9 +134,9 @@ class Worker(Node):
         await self.steady("claim_id", self.heartbeat)
 
     async def _resume(self) -> None:
-        if stale := await self.steady("resume", lambda: self.io(clear_stale_tmp, self.root, self.node_id)):
+        if stale := await self.steady("resume", clear_stale_tmp, self.root, self.node_id):
             self.log.info("stale_checkpoint_tmp_removed", folders=stale)
-        found = await self.steady("resume", lambda: self.io(latest_checkpoint, self.root, self.node_id))
+        found = await self.steady("resume", latest_checkpoint, self.root, self.node_id)
         if found is None:
             return
         round_, directory = found
@@ -150,7 +150,7 @@ class Worker(Node):
         self.cumulative_reward = float(counters["cumulative_reward"])
         self.external_used = int(counters.get("external_used", 0))
         self.round = self.last_round
-        self.checkpoint_bytes = await self.steady("resume", lambda: self.io(dir_bytes, directory))
+        self.checkpoint_bytes = await self.steady("resume", dir_bytes, directory)
         self.log.info("resumed", checkpoint=str(directory), round=self.last_round, rounds_done=self.rounds_done)
         await self.progress("resumed", checkpoint_round=round_)
 
@@ -238,10 +238,10 @@ class Worker(Node):
         self.last_round = r
 
         await self.set_phase("submit")
-        sub = schema.envelope(schema.REWARDS, self.node_id, self.instance, r, s, state.epoch)
-        sub.update(reward_mean=reward_mean, reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
-                   n_external=len(external), external_from=sorted({g.source for g in external}),
-                   cumulative_reward=self.cumulative_reward)
+        sub = schema.submission_doc(self.node_id, self.instance, r, s, state.epoch, reward_mean=reward_mean,
+                                    reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
+                                    external_sources=[g.source for g in external],
+                                    cumulative_reward=self.cumulative_reward)
         closed, submitted_at = await self._submit(r, s, sub)
 
         t_ckpt = 0.0

@@ -31,10 +31,9 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from sapod import paths
-from sapod.config import build_config
+from sapod.config import Config, build_config
 from sapod.coordinator import Coordinator
 from sapod.daemon import run_loop
 from sapod.logs import configure_logging
@@ -48,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def node_config(shared: Path, role: str, node_id: str, rounds: int, mode: str, poll: float) -> Any:
+def node_config(shared: Path, role: str, node_id: str, rounds: int, mode: str, poll: float) -> Config:
     return build_config({
         "shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(rounds),
         "watch_mode": mode, "poll_interval": str(poll), "heartbeat_interval": "5", "peer_timeout": "120",

@@ -389,7 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="sapod:scripted")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "sapod")
     ap.add_argument("--stall-s", type=float, default=60.0, help="fail when no round advances this long")
-    ap.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a tmp folder, kept only when a check fails)")
+    ap.add_argument("--keep", type=Path,
+                    help="run in this folder and keep it (default: a tmp folder, kept only when a check fails)")
     ap.add_argument("--short", action="store_true", help="the CI configuration: 4 workers, 30 rounds, every 2")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)

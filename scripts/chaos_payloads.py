@@ -45,10 +45,8 @@ class PayloadMaker:
         return rollouts_doc(node, "f" * 32, r, 0, 1, "m", items, [["<answer>1</answer>", "<answer>2</answer>"]])
 
     def _valid_rewards(self, node: str, r: int) -> dict[str, Any]:
-        doc = schema.envelope(schema.REWARDS, node, "f" * 32, r, 0, 1)
-        doc.update(reward_mean=0.5, reward_sum=4.0, n_completions=8, n_local=2, n_external=0, external_from=[],
-                   cumulative_reward=1.0)
-        return doc
+        return schema.submission_doc(node, "f" * 32, r, 0, 1, reward_mean=0.5, reward_sum=4.0, n_completions=8,
+                                     n_local=2, external_sources=[], cumulative_reward=1.0)
 
     def batch(self, root: Path, r: int, real_ids: list[str], count: int) -> list[Payload]:
         """``count`` payloads for round ``r`` (written before it opens, so every node reads them)."""

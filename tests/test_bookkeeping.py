@@ -38,10 +38,9 @@ BAD = ("other_round", "other_stage", "foreign_node", "nan", "huge", "wrong_schem
 
 def submission(node: str, round_: int, stage: int, mean: float, instance: str = "i1") -> dict[str, Any]:
     """A worker's submission, as Worker._round builds it."""
-    sub = schema.envelope(schema.REWARDS, node, instance, round_, stage, 1)
-    sub.update(reward_mean=mean, reward_sum=mean * 8, n_completions=8, n_local=2, n_external=1,
-               external_from=["w9"], cumulative_reward=mean * (round_ + 1))
-    return sub
+    return schema.submission_doc(node, instance, round_, stage, 1, reward_mean=mean, reward_sum=mean * 8,
+                                 n_completions=8, n_local=2, external_sources=["w9"],
+                                 cumulative_reward=mean * (round_ + 1))
 
 
 def bad_file(kind: str, node: str, round_: int, stage: int) -> bytes:

@@ -142,12 +142,16 @@ def valid_peer(draw: Any) -> Case:
     return Case("peer", doc, p, node=node)
 
 
+def _slot(draw: Any, node: str | None, round_: int | None, stage: int | None) -> tuple[str, int, int]:
+    """The (node, round, stage) a file is for: the given ones, drawn where not given."""
+    return (draw(NODE_ID) if node is None else node, draw(st.integers(0, 10**6)) if round_ is None else round_,
+            draw(st.integers(0, 3)) if stage is None else stage)
+
+
 @st.composite
 def valid_rollouts(draw: Any, node: str | None = None, round_: int | None = None,
                    stage: int | None = None) -> Case:
-    node = draw(NODE_ID) if node is None else node
-    round_ = draw(st.integers(0, 10**6)) if round_ is None else round_
-    stage = draw(st.integers(0, 3)) if stage is None else stage
+    node, round_, stage = _slot(draw, node, round_, stage)
     instance, model = draw(INSTANCE), draw(st.text(max_size=40))
     n = draw(st.integers(0, 3))
     items = [TaskItem(task=draw(st.text(max_size=20)), seed=draw(U63), index=draw(st.integers(0, 10**6)),
@@ -162,28 +166,16 @@ def valid_rollouts(draw: Any, node: str | None = None, round_: int | None = None
     return Case("rollouts", doc, expect, node=node, round=round_, stage=stage)
 
 
-def submission_doc(node: str, instance: str, round_: int, stage: int, epoch: int, reward_mean: float,
-                   reward_sum: float, n: int, n_local: int, external_from: list[str],
-                   cumulative: float) -> dict[str, Any]:
-    """The submission exactly as Worker._round builds it."""
-    sub = schema.envelope(schema.REWARDS, node, instance, round_, stage, epoch)
-    sub.update(reward_mean=reward_mean, reward_sum=reward_sum, n_completions=n, n_local=n_local,
-               n_external=len(external_from), external_from=sorted(set(external_from)),
-               cumulative_reward=cumulative)
-    return sub
-
-
 @st.composite
 def valid_submission(draw: Any, node: str | None = None, round_: int | None = None,
                      stage: int | None = None) -> Case:
-    node = draw(NODE_ID) if node is None else node
-    round_ = draw(st.integers(0, 10**6)) if round_ is None else round_
-    stage = draw(st.integers(0, 3)) if stage is None else stage
+    node, round_, stage = _slot(draw, node, round_, stage)
     instance = draw(INSTANCE)
     ext = sorted(set(draw(st.lists(NODE_ID, max_size=3))))
     mean, total, cum = draw(FINITE), draw(FINITE), draw(FINITE)
     n, n_local = draw(st.integers(0, 10**4)), draw(st.integers(0, 64))
-    doc = submission_doc(node, instance, round_, stage, draw(U63), mean, total, n, n_local, ext, cum)
+    doc = schema.submission_doc(node, instance, round_, stage, draw(U63), reward_mean=mean, reward_sum=total,
+                                n_completions=n, n_local=n_local, external_sources=ext, cumulative_reward=cum)
     expect = schema.Submission(node_id=node, instance=instance, reward_mean=mean, reward_sum=total,
                                n_completions=n, n_local=n_local, n_external=len(ext), external_from=tuple(ext),
                                cumulative_reward=cum)
