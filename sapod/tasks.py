@@ -374,7 +374,9 @@ class FileSource:
 
 
 def _load_rows(path: Path, kind: str) -> list[dict[str, Any]]:
-    from datasets import Features, Value, load_dataset
+    from datasets import Features, Value, disable_progress_bars, load_dataset
+
+    disable_progress_bars()  # a bar on stderr would break the JSON log stream
 
     kwargs: dict[str, Any] = {}
     if kind == "csv":

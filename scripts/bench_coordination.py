@@ -25,11 +25,13 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import random
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from sapod import paths
@@ -47,11 +49,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def node_config(shared: Path, role: str, node_id: str, rounds: int, mode: str, poll: float) -> Config:
+@dataclass(frozen=True)
+class Run:
+    """What one (mode, N) measurement runs: the same for every node of it."""
+
+    rounds: int
+    mode: str
+    poll: float
+    tasks: str = ""  # TASKS: "" for the nine default reasoning-gym tasks, a mix, or a task file
+
+
+def node_config(shared: Path, role: str, node_id: str, run: Run) -> Config:
     return build_config({
-        "shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(rounds),
-        "watch_mode": mode, "poll_interval": str(poll), "heartbeat_interval": "5", "peer_timeout": "120",
-        "gather_timeout": "60", "round_timeout": "300", "checkpoint_interval": str(rounds),
+        "shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(run.rounds),
+        "watch_mode": run.mode, "poll_interval": str(run.poll), "heartbeat_interval": "5", "peer_timeout": "120",
+        "gather_timeout": "60", "round_timeout": "300", "checkpoint_interval": str(run.rounds), "tasks": run.tasks,
         "log_level": "warning", "log_to_shared": "false", "role": role, "node_id": node_id}, {})
 
 
@@ -68,27 +80,26 @@ def worker_ids(n: int) -> list[str]:
     return [f"w{i:03d}" for i in range(n)]
 
 
-def run_workers(shared: str, ids: list[str], rounds: int, mode: str, poll: float, counts: str) -> None:
+def run_workers(shared: str, ids: list[str], run: Run, counts: str) -> None:
     """A child process's share of the workers; its operation counts go to ``counts``."""
     configure_logging("json", "warning", stream=sys.stderr)
     IO.clear()
-    run_loop(run_nodes([Worker(node_config(Path(shared), "worker", i, rounds, mode, poll)) for i in ids]))
+    run_loop(run_nodes([Worker(node_config(Path(shared), "worker", i, run)) for i in ids]))
     Path(counts).write_text(json.dumps(dict(IO)))
 
 
-def run_swarm(shared: Path, n: int, rounds: int, mode: str, poll: float, processes: int = 1) -> tuple[float, dict]:
+def run_swarm(shared: Path, n: int, run: Run, processes: int = 1) -> tuple[float, dict]:
     """(wall seconds, operation counts). With ``processes`` > 1 the workers are dealt
     out to that many child processes and the coordinator runs here, alone."""
     IO.clear()
-    coord = Coordinator(node_config(shared, "coordinator", "coord", rounds, mode, poll))
+    coord = Coordinator(node_config(shared, "coordinator", "coord", run))
     if processes <= 1:
-        wall = run_loop(run_nodes([coord] + [Worker(node_config(shared, "worker", i, rounds, mode, poll))
-                                             for i in worker_ids(n)]))
+        wall = run_loop(run_nodes([coord] + [Worker(node_config(shared, "worker", i, run)) for i in worker_ids(n)]))
         return wall, dict(IO)
     ctx = multiprocessing.get_context("spawn")
     shares = [worker_ids(n)[k::processes] for k in range(processes)]
     files = [shared.parent / f"counts-{k}.json" for k in range(processes)]
-    children = [ctx.Process(target=run_workers, args=(str(shared), ids, rounds, mode, poll, str(f)))
+    children = [ctx.Process(target=run_workers, args=(str(shared), ids, run, str(f)))
                 for ids, f in zip(shares, files) if ids]
     for c in children:
         c.start()
@@ -106,19 +117,19 @@ def run_swarm(shared: Path, n: int, rounds: int, mode: str, poll: float, process
     return wall, dict(ops)
 
 
-def bench(n: int, rounds: int, mode: str, poll: float, where: str | None = None, processes: int = 1) -> dict:
+def bench(n: int, run: Run, where: str | None = None, processes: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="sapod-bench-", dir=where) as tmp:
         shared = Path(tmp) / "shared"
         shared.mkdir()
-        wall, ops = run_swarm(shared, n, rounds, mode, poll, processes)
+        wall, ops = run_swarm(shared, n, run, processes)
         root = paths.experiment_root(shared, "bench")
         events = [e for e in read_jsonl(paths.progress_file(root, "coord")) if e.get("event") == "round_complete"]
     per_round = [float(e["seconds"]) for e in events[1:]]
     span = float(events[-1]["ts"]) - float(events[0]["ts"]) if len(events) > 1 else wall
-    node_rounds = n * rounds
+    node_rounds = n * run.rounds
     return {
-        "mode": mode, "nodes": n, "rounds": rounds, "poll_interval": poll, "folder": where or tempfile.gettempdir(),
-        "processes": processes,
+        "mode": run.mode, "nodes": n, "rounds": run.rounds, "poll_interval": run.poll, "tasks": run.tasks or "default",
+        "folder": where or tempfile.gettempdir(), "processes": processes,
         "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
         "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
         # Nodes sharing this process read each peer file once between them (a process-wide
@@ -129,6 +140,18 @@ def bench(n: int, rounds: int, mode: str, poll: float, where: str | None = None,
                            "reads_in_process": ops.get("reads", 0) / node_rounds,
                            "listings": ops.get("listings", 0) / node_rounds},
     }
+
+
+def sums_file(rows: int = 2000) -> str:
+    """A task file of ``rows`` two-number sums in the temp folder (its path): trivial items to make and check."""
+    rng = random.Random(0)
+    path = Path(tempfile.gettempdir()) / f"sapod-bench-sums-{rows}.jsonl"
+    lines = []
+    for _ in range(rows):
+        a, b = rng.randrange(100), rng.randrange(100)
+        lines.append(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def main() -> int:
@@ -142,18 +165,26 @@ def main() -> int:
     ap.add_argument("--processes", default="1", help="comma-separated counts of worker processes: 1 runs every "
                                                      "node in this process; P > 1 deals the workers out to P child "
                                                      "processes and runs the coordinator here, alone [1]")
+    ap.add_argument("--tasks", action="append", help="TASKS for the nodes; repeat to compare side by side: "
+                                                     "'default' (the nine reasoning-gym tasks), a mix, a task "
+                                                     "subset, a task file, or 'file': a generated file of sums, "
+                                                     "whose items cost next to nothing to make and check, which "
+                                                     "leaves the protocol's own cost [default]")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     args = ap.parse_args()
+    tasks = ["" if t.strip() == "default" else t for t in (args.tasks or ["default"])]
+    if "file" in tasks:
+        tasks = [sums_file() if t == "file" else t for t in tasks]
     configure_logging("json", "warning", stream=sys.stderr)
     results = []
-    print(f"{'mode':<8}{'procs':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
+    print(f"{'tasks':<12}{'mode':<8}{'procs':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
           f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
-    for mode, procs, n in ((m, int(k), int(x)) for m in args.modes.split(",")
-                           for k in args.processes.split(",") for x in args.nodes.split(",")):
-        r = bench(n, args.rounds, mode, args.poll_interval, args.dir, procs)
+    for task, mode, procs, n in ((t, m, int(k), int(x)) for t in tasks for m in args.modes.split(",")
+                                 for k in args.processes.split(",") for x in args.nodes.split(",")):
+        r = bench(n, Run(args.rounds, mode, args.poll_interval, task), args.dir, procs)
         results.append(r)
         p = r["per_node_round"]
-        print(f"{mode:<8}{procs:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}"
+        print(f"{'file' if r['tasks'].endswith('.jsonl') else r['tasks'][:11]:<12}{mode:<8}{procs:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}"
               f"{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}{p['reads']:>8.1f}"
               f"{p['listings']:>8.1f}", flush=True)
     out = {"benchmark": "coordination", "results": results}

@@ -76,6 +76,11 @@ def parse_args(argv):
     return a
 
 
+def say(*parts) -> None:
+    """One progress line on stderr per measured cell, so a run cut short still shows its figures."""
+    print("bench_gpu:", *parts, file=sys.stderr, flush=True)
+
+
 def err(exc: BaseException) -> dict:
     return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
 
@@ -136,6 +141,8 @@ def generation(a, dev) -> dict:
                         torch._dynamo.reset()
                         free(dev)
                 res[variant][f"b{b}"] = row
+                say(name, variant, f"b{b}", f"{row['tokens_per_s']:.0f} tok/s, warm-up {row['warmup_s']:.1f} s"
+                    if "tokens_per_s" in row else row)
         del model
         torch._dynamo.reset()
         free(dev)
@@ -192,8 +199,10 @@ def grpo(a, dev) -> dict:
                     secs.append(time.perf_counter() - t0)
                 peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
                 out[name][prec] = {"seconds": statistics.median(secs[1:]), "peak_mem_gib": peak, "tokens": b * (p + c)}
+                say(name, "grpo step", prec, f"{out[name][prec]['seconds']:.3f} s", "peak " + (f"{peak:.2f} GiB" if peak is not None else "-"))
             except Exception as exc:
                 out[name][prec] = err(exc)
+                say(name, "grpo step", prec, out[name][prec])
             model = opt = None
     free(dev)
     return out
@@ -255,11 +264,14 @@ def swarm(a, dev) -> dict:
             with open(logs / f"{n}.out", "wb") as out, open(logs / f"{n}.err", "wb") as errf:
                 procs[n] = subprocess.Popen([sys.executable, "-m", "sapod", "--role", role, "--node-id", n],
                                             env=env, stdout=out, stderr=errf)
-        for n, proc in procs.items():
-            try:
-                codes[n] = proc.wait(max(1.0, a.swarm_timeout - (time.monotonic() - t0)))
-            except subprocess.TimeoutExpired:
-                codes[n] = "timeout"
+        progress, seen = paths.progress_file(paths.experiment_root(shared, "bench"), "coordinator"), 0
+        while any(proc.poll() is None for proc in procs.values()) and time.monotonic() - t0 < a.swarm_timeout:
+            time.sleep(1.0)
+            done = [r for r in read_jsonl(progress) if r.get("event") == "round_complete"]
+            for r in done[seen:]:  # one line per round, so a long run shows it is moving
+                say("swarm", f"round {r.get('round')} complete in {float(r.get('seconds', 0)):.2f} s")
+            seen = max(seen, len(done))
+        codes = {n: proc.poll() if proc.poll() is not None else "timeout" for n, proc in procs.items()}
     finally:
         for proc in procs.values():  # only the processes this script started
             if proc.poll() is None:
@@ -284,6 +296,8 @@ def swarm(a, dev) -> dict:
            "worker_rounds_trained": sum(1 for r in rows if r.get("tokens_trained", 0) > 0),
            "worker_rounds": len(rows), "original_rl_swarm_s_per_round": ORIGINAL_S_PER_ROUND}
     res["speedup_vs_original"] = ORIGINAL_S_PER_ROUND / res["median_s"] if res["median_s"] else None
+    say("swarm", f"{len(secs)}/{a.rounds} rounds", f"median {res['median_s'] or 0:.3f} s/round",
+        f"exit codes {codes}")
     bad = [n for n, c in codes.items() if c != 0]
     if bad:
         res["stderr_tail"] = {n: (logs / f"{n}.err").read_text(errors="replace")[-1500:] for n in bad}
@@ -318,6 +332,8 @@ def main(argv=None) -> int:
                 result[part] = fn(a, dev)
             except Exception as exc:
                 result[part] = err(exc)
+            if a.json_file:  # after each part: a run cut short keeps the parts it finished
+                Path(a.json_file).write_text(json.dumps(result) + "\n")
     estimate(result, dev)
     for part in ("generation", "grpo", "swarm"):
         if part in result:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,8 +66,13 @@ def test_bench_generation_reports_both_ways_and_a_ratio(model_dir, tmp_path):
 @pytest.mark.slow
 def test_bench_gpu_smoke_runs_every_part_on_cpu(tmp_path):
     """bench_gpu.py --smoke exits 0 on CPU with generation, GRPO-step and swarm figures under the expected keys."""
-    _, doc = run_script(str(SCRIPTS / "bench_gpu.py"), "--smoke", "--workers", "2", timeout=400)
-    assert doc["benchmark"] == "gpu" and doc["smoke"] is True
+    out = tmp_path / "gpu.json"
+    res, doc = run_script(str(SCRIPTS / "bench_gpu.py"), "--smoke", "--workers", "2", "--json", str(out), timeout=400)
+    assert doc["benchmark"] == "gpu" and doc["smoke"] is True and json.loads(out.read_text()) == doc
+    # progress as it goes: a line per generation cell and GRPO step, one per swarm round
+    assert re.search(r"bench_gpu: gpt2-124m fp32 b2 \d+ tok/s, warm-up [\d.]+ s", res.stderr), res.stderr[-2000:]
+    assert re.search(r"bench_gpu: qwen2.5-0.5b grpo step fp32 [\d.]+ s", res.stderr)
+    assert len(re.findall(r"bench_gpu: swarm round \d+ complete in [\d.]+ s", res.stderr)) == 2
     for model in ("gpt2-124m", "qwen2.5-0.5b"):
         gen = doc["generation"][model]
         assert set(gen) == {"fp32", "bf16_autocast", "bf16", "bf16_static_compile"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,25 @@ def test_bench_coordination_in_one_and_in_several_processes(tmp_path):
         assert ops["files_written"] >= 2 and ops["reads"] >= 1 and ops["appends"] >= 3
         assert 0 < r["overhead_p50_ms"] <= r["overhead_p95_ms"]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["results"] == results
+
+
+def test_bench_coordination_compares_task_sets(tmp_path):
+    """--tasks default --tasks file runs the same swarm on each task set, side by side, and the
+    generated file of sums is a task file sapod loads."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_coordination.py"), "--nodes", "2", "--rounds", "3",
+                           "--modes", "inotify", "--tasks", "default", "--tasks", "file", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["tasks"] for r in results][0] == "default" and results[1]["tasks"].endswith(".jsonl")
+    from sapod.tasks import FileSource, make_task_source
+
+    source = make_task_source(results[1]["tasks"])
+    assert isinstance(source, FileSource) and len(source) == 2000
+    item = source.sample(1, seed=0)[0]
+    a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", item.question).groups())
+    assert item.answer == str(a + b)
+    assert all(r["per_node_round"]["files_written"] >= 2 for r in results)
+    table = proc.stdout.splitlines()
+    assert any(line.startswith("default ") for line in table) and any(line.startswith("file ") for line in table)

@@ -312,6 +312,16 @@ def jsonl_path(tmp_path):
     return p
 
 
+def test_loading_a_task_file_prints_no_progress_bar(jsonl_path, tmp_path):
+    """datasets' "Generating train split" bar would land in a node's JSON log stream on stderr."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")}  # a fresh cache: the split is generated
+    res = subprocess.run([sys.executable, "-c", "import sys; from sapod.tasks import make_task_source; "
+                          "print(len(make_task_source(sys.argv[1])))", str(jsonl_path)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "3", res.stderr[-2000:]
+    assert "Generating" not in res.stderr and "examples/s" not in res.stderr, res.stderr[-2000:]
+
+
 def test_file_source_jsonl_exact_and_numeric(jsonl_path):
     """A jsonl file scores exact (stripped) matches and numerically equal answers as 1."""
     s = make_task_source(str(jsonl_path))
