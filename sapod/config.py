@@ -109,6 +109,9 @@ OPTIONS: tuple[Option, ...] = (
            "jsonl/parquet/csv file; empty = the paper's nine tasks"),
     Option("device", "DEVICE", "auto", "torch device for workers", allowed="auto, cpu, cuda or cuda:N",
            check=lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
+    Option("compile_generation", "COMPILE_GENERATION", False,
+           "decode with a static KV cache, compiled with CUDA graphs on CUDA (the first round at each "
+           "prompt length compiles)", kind=_bool, allowed="true or false"),
     Option("cache_dir", "SAPOD_CACHE", None, "where sapod:tiny is built and cached; default ~/.cache/sapod",
            kind=Path, allowed="a folder path"),
     Option("rollout_cleanup_enabled", "ROLLOUT_CLEANUP_ENABLED", False,
@@ -162,6 +165,7 @@ class Config:
     log_level: str
     tasks: str
     device: str
+    compile_generation: bool
     cache_dir: Path
     rollout_cleanup_enabled: bool
     rollout_keep_last_n_rounds: int

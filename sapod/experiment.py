@@ -36,8 +36,9 @@ from sapod.schema import State
 from sapod.state import StateReader
 
 PASS_FLAGS = ("model", "seed", "num_generations", "max_new_tokens", "learning_rate", "temperature", "tasks",
-              "device", "cache_dir", "checkpoint_interval", "checkpoint_keep", "round_timeout", "gather_timeout",
-              "stop_timeout", "poll_interval", "heartbeat_interval", "watch_mode", "log_format", "log_level")
+              "device", "compile_generation", "cache_dir", "checkpoint_interval", "checkpoint_keep", "round_timeout",
+              "gather_timeout", "stop_timeout", "poll_interval", "heartbeat_interval", "watch_mode", "log_format",
+              "log_level")
 # What a run's numbers depend on besides I, J, the seed, --nodes and --rounds: a rerun must not mix values.
 PLAN_KEYS = ("model", "num_generations", "max_new_tokens", "learning_rate", "temperature", "tasks")
 # The demo's small defaults, but timeouts for nodes that take turns on one GPU thread: a worker's

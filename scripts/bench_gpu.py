@@ -6,7 +6,9 @@
    compiled by transformers' generate (torch.compile, reduce-overhead);
 2. one GRPO step (sapod.grpo's completion_logprobs + token_loss, Adam) in fp32 vs bf16 autocast:
    seconds and peak memory;
-3. a coordinator and N workers as real ``python -m sapod`` processes sharing the GPU, seconds per
+3. sapod's own node-round on a GPT-2-shaped model folder: HFPolicy.generate for I=2 x G=4 plus one
+   train_step on 16 completions, with the default generation and with compile_generation;
+4. a coordinator and N workers as real ``python -m sapod`` processes sharing the GPU, seconds per
    round from the coordinator's round_complete events, beside the original RL Swarm's ~38 s.
 
 Prints tables, then one JSON object as the last line (also to --json FILE).
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -30,20 +31,11 @@ from pathlib import Path
 
 import torch
 
+from bench_gpu_lib import SHAPES, build, err, free, gpt2_model_dir, say, sync
+
 ORIGINAL_S_PER_ROUND = 38.0  # the original RL Swarm's reported round time; not measured here
 VARIANTS = ("fp32", "bf16_autocast", "bf16", "bf16_static_compile")
-SHAPES = {  # name -> (config class, full shape, smoke shape)
-    "gpt2-124m": ("GPT2Config", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-                  dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=1024, bos_token_id=0,
-                       eos_token_id=0)),
-    "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
-                                         tie_word_embeddings=True),
-                     dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=128, vocab_size=512, tie_word_embeddings=True)),
-}
-
-
+PARTS = ("generation", "grpo", "node_round", "swarm")
 SIZES = {"batches": ("8,16,64", "2,4"), "prompt_len": (256, 32), "new_tokens": (256, 16), "grpo_batch": (16, 4),
          "rounds": (20, 2)}  # (full, --smoke)
 
@@ -52,7 +44,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
     add("--smoke", action="store_true", help="tiny shapes, runs on CPU (for tests)")
-    add("--parts", default="generation,grpo,swarm", help="comma-separated subset [all three]")
+    add("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} [all]")
     add("--models", default=",".join(SHAPES), help="comma-separated subset [both]")
     add("--variants", default=",".join(VARIANTS), help="generation variants [all]")
     add("--batches", default=None, help="generation batch sizes [8,16,64; smoke 2,4]")
@@ -65,6 +57,7 @@ def parse_args(argv):
     add("--workers", type=int, default=5, help="swarm workers [5]")
     add("--swarm-timeout", type=float, default=None, help="seconds before the swarm is killed")
     add("--keep", action="store_true", help="keep the swarm's temporary folder")
+    add("--compile-generation", action="store_true", help="the swarm's workers run with COMPILE_GENERATION=true")
     add("--json", dest="json_file", default=None, help="also write the JSON object here")
     a = p.parse_args(argv)
     for k, (full, smoke) in SIZES.items():  # defaults that depend on --smoke
@@ -73,38 +66,10 @@ def parse_args(argv):
     a.batches = [int(b) for b in a.batches.split(",")]
     a.swarm_timeout = a.swarm_timeout or (300 if a.smoke else 300 + 120 * a.rounds)
     a.parts, a.models, a.variants = (set(x.split(",")) for x in (a.parts, a.models, a.variants))
+    for given, known in ((a.parts, PARTS), (a.models, SHAPES), (a.variants, VARIANTS)):
+        if given - set(known):
+            p.error(f"unknown {', '.join(sorted(given - set(known)))}; choose from {', '.join(known)}")
     return a
-
-
-def say(*parts) -> None:
-    """One progress line on stderr per measured cell, so a run cut short still shows its figures."""
-    print("bench_gpu:", *parts, file=sys.stderr, flush=True)
-
-
-def err(exc: BaseException) -> dict:
-    return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-
-
-def build(name: str, smoke: bool, dev, vocab: int | None = None):
-    import transformers
-
-    cls, full, tiny = SHAPES[name]
-    kw = dict(tiny if smoke else full, **({"vocab_size": vocab} if vocab else {}))
-    torch.manual_seed(0)
-    with torch.device(dev):  # initialise on the device: random init of a 150k vocab is slow on CPU
-        return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def free(dev) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
 
 
 def generation(a, dev) -> dict:
@@ -208,52 +173,73 @@ def grpo(a, dev) -> dict:
     return out
 
 
-def make_tokenizer(vocab_size: int, corpus: list[str]):
-    """A byte-level BPE (like sapod:tiny's) padded with filler tokens to exactly vocab_size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def node_round(a, dev) -> dict:
+    """sapod's own node-round on the GPT-2 model folder: HFPolicy.generate for I=2 questions x G=4
+    (the nine default tasks' prompts) plus one train_step on (I + J) x G = 16 completions, with
+    the default generation and with compile_generation (static cache; compiled on CUDA only)."""
+    from sapod.policy.hf import HFPolicy
+    from sapod.tasks import make_task_source
+    from sapod.types import Group
 
-    eos = "<|endoftext|>"
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 2048), special_tokens=[eos], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    # A real-size vocab keeps the embedding and LM head at the model's shape; fillers are never
-    # produced by encoding but decode to plain text, so the random model's samples stay valid.
-    spec = json.loads(bpe.to_str())
-    vocab, i = spec["model"]["vocab"], 0
-    while len(vocab) < vocab_size:
-        vocab.setdefault(f"Ġfill{i}", len(vocab))
-        i += 1
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=eos,
-                                   pad_token=eos, model_max_length=1024, clean_up_tokenization_spaces=False)
+    tmp = Path(tempfile.mkdtemp(prefix="sapod-bench-"))
+    out: dict = {}
+    try:
+        gpt2_model_dir(a, tmp)
+        source = make_task_source("")
+        for mode in ("default", "compile_generation"):
+            free(dev)
+            try:
+                policy = HFPolicy(str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
+                                  learning_rate=1e-6, device=str(dev), compile_generation=mode != "default")
+                gen_s, train_s, tokens = [], [], 0
+                for r in range(a.repeats + 1):  # round 0 warms up (and compiles)
+                    own, peers = source.sample(2, 100 + r), source.sample(2, 200 + r)
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    gen = policy.generate(own, 4, seed=r)
+                    sync(dev)
+                    t1 = time.perf_counter()
+                    # random weights earn nothing: alternate rewards so every group trains
+                    groups = [Group(item=i, completions=c, rewards=[1.0, 0.0, 1.0, 0.0], source="bench")
+                              for i, c in zip(own + peers, gen.completions * 2)]
+                    stats = policy.train_step(groups)
+                    sync(dev)
+                    gen_s.append(t1 - t0)
+                    train_s.append(time.perf_counter() - t1)
+                    tokens = gen.tokens
+                g, t = statistics.median(gen_s[1:]), statistics.median(train_s[1:])
+                out[mode] = {"generate_s": g, "train_s": t, "node_round_s": g + t, "first_generate_s": gen_s[0],
+                             "tokens_generated": tokens, "tokens_trained": int(stats["tokens"]),
+                             "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
+                             else None}
+                say("node-round", mode, f"generate {g:.3f} s + train {t:.3f} s = {g + t:.3f} s",
+                    f"(first generate {gen_s[0]:.1f} s)")
+            except Exception as exc:
+                out[mode] = err(exc)
+                say("node-round", mode, out[mode])
+            policy = None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    free(dev)
+    return out
 
 
 def swarm(a, dev) -> dict:
     from sapod import paths
     from sapod.config import OPTIONS
     from sapod.progress import read_jsonl
-    from sapod.tasks import make_task_source
 
     tmp = Path(tempfile.mkdtemp(prefix="sapod-bench-"))
     model_dir, shared, logs = tmp / "model", tmp / "shared", tmp / "logs"
     shared.mkdir()
     logs.mkdir()
-    source = make_task_source("")
-    tok = make_tokenizer(SHAPES["gpt2-124m"][2 if a.smoke else 1]["vocab_size"],
-                         [source.system_prompt] * 10 + [i.question for i in source.sample(200, 1)])
-    model = build("gpt2-124m", a.smoke, "cpu", vocab=len(tok))
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = tok.eos_token_id
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    parameters = gpt2_model_dir(a, model_dir)
     env = {k: v for k, v in os.environ.items() if k not in {o.env for o in OPTIONS}}  # no stray settings
     env.update(GDRIVE_PATH=str(shared), EXPERIMENT_NAME="bench", MODEL_NAME=str(model_dir),
                MAX_ROUNDS=str(a.rounds), MAX_NEW_TOKENS=str(a.new_tokens), NUM_TRAIN_SAMPLES="2",
                NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", CHECKPOINT_INTERVAL=str(a.rounds),
                CHECKPOINT_KEEP="1", LOG_LEVEL="warning", DEVICE=dev.type, HF_HUB_OFFLINE="1",
+               COMPILE_GENERATION=str(a.compile_generation).lower(),
                TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     if dev.type == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # several processes on a few cores: no thread oversubscription
@@ -285,7 +271,7 @@ def swarm(a, dev) -> dict:
     rows = [r for _, n in nodes[1:] for r in read_jsonl(paths.metrics_file(root, n))]
     later = [r for r in rows if r.get("round", 0) > 0] or rows
     res = {"workers": a.workers, "rounds": a.rounds, "rounds_completed": len(secs), "exit_codes": codes,
-           "wall_s": wall, "parameters": sum(p.numel() for p in model.parameters()),
+           "wall_s": wall, "parameters": parameters, "compile_generation": a.compile_generation,
            "round_seconds": secs, "first_round_s": secs[0] if secs else None,
            "median_s": statistics.median(steady) if steady else None,
            "p95_s": statistics.quantiles(steady, n=20, method="inclusive")[18] if len(steady) > 1
@@ -326,7 +312,7 @@ def main(argv=None) -> int:
               "settings": {"batches": a.batches, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                            "repeats": a.repeats, "grpo_batch": a.grpo_batch, "micro_batch": a.micro_batch,
                            "rounds": a.rounds, "workers": a.workers, "tf32": dev.type == "cuda"}}
-    for part, fn in (("generation", generation), ("grpo", grpo), ("swarm", swarm)):
+    for part, fn in (("generation", generation), ("grpo", grpo), ("node_round", node_round), ("swarm", swarm)):
         if part in a.parts:
             try:
                 result[part] = fn(a, dev)
@@ -335,7 +321,7 @@ def main(argv=None) -> int:
             if a.json_file:  # after each part: a run cut short keeps the parts it finished
                 Path(a.json_file).write_text(json.dumps(result) + "\n")
     estimate(result, dev)
-    for part in ("generation", "grpo", "swarm"):
+    for part in PARTS:
         if part in result:
             report(part, result[part])
     line = json.dumps(result)
@@ -367,6 +353,11 @@ def report(part: str, res: dict) -> None:
                 line = "  ".join(f"{b}: " + cell(c, "tokens_per_s", "{:9.0f} tok/s") for b, c in cells.items()
                                  if b != "skipped") or "skipped: " + cells["skipped"]
                 print(f"  {model:<14}{variant:<21}{line}")
+    elif part == "node_round":
+        for mode, c in res.items():
+            print(f"  {mode:<20}" + ("  ".join(f"{k} {c[k]:.3f} s" for k in ("generate_s", "train_s", "node_round_s"))
+                                     + f"  (first generate {c['first_generate_s']:.1f} s)" if "error" not in c
+                                     else c["error"][:100]))
     elif part == "grpo":
         for model, precs in res.items():
             for prec, c in precs.items():

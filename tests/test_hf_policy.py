@@ -81,6 +81,46 @@ def test_generate_shapes_tokens_and_seed_reproducibility(policy):
     assert again.completions == gen.completions and again.tokens == gen.tokens
 
 
+def test_static_cache_generation_gives_the_same_samples(policy, model_dir):
+    """COMPILE_GENERATION's path (static cache, prompts left-padded to a bucket, no shared prefill)
+    samples what the default path samples for the same seed; on a CPU nothing is compiled."""
+    from sapod.policy.hf import STATIC_BUCKET
+
+    static = make_policy(model_dir, compile_generation=True)
+    items = [item(1), item(12, "what is twelve plus twelve, written out in digits please?"), item(3)]
+    for seed in (0, 5):
+        want = policy.generate(items, num_generations=3, seed=seed)
+        got = static.generate(items, num_generations=3, seed=seed)
+        assert got.completions == want.completions and got.tokens == want.tokens
+    enc = static.tokenizer([static._prompt(i.question) for i in items], return_tensors="pt", padding=True)
+    rows = static._bucketed(enc, 3)
+    width = enc["input_ids"].shape[1]
+    assert rows["input_ids"].shape == (9, STATIC_BUCKET) and width < STATIC_BUCKET
+    assert (rows["attention_mask"][:, : STATIC_BUCKET - width] == 0).all()  # the added padding is masked
+    assert torch.equal(rows["input_ids"][::3, STATIC_BUCKET - width :], enc["input_ids"])
+
+
+def test_static_cache_bucket_never_exceeds_the_prompt_limit(model_dir):
+    """Near the position limit the bucket is capped at the longest prompt the model takes."""
+    static = make_policy(model_dir, compile_generation=True, max_new_tokens=200)  # 256 positions: prompts <= 56
+    gen = static.generate([item(0, "what is 1 plus 2? " * 200)], num_generations=2, seed=0)
+    assert len(gen.completions[0]) == 2
+    enc = static.tokenizer([static._prompt("what is 1 plus 2? " * 200)], return_tensors="pt", padding=True,
+                           **static._prompt_kwargs())
+    assert static._bucketed(enc, 2)["input_ids"].shape == (2, 56)
+
+
+def test_compile_generation_refuses_a_model_without_a_static_cache(model_dir, monkeypatch):
+    """A model class that cannot take a static KV cache is a configuration error, said at load."""
+    from sapod.errors import ConfigError
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "_can_compile_fullgraph", False, raising=False)
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "_supports_static_cache", False, raising=False)
+    with pytest.raises(ConfigError, match="COMPILE_GENERATION.*static KV cache"):
+        make_policy(model_dir, compile_generation=True)
+    assert make_policy(model_dir).compile_generation is False  # the default path still loads
+
+
 def test_generate_truncates_overlong_prompts(policy):
     """A prompt longer than n_positions - max_new_tokens is cut from the left and still generates."""
     long_q = "what is 1 plus 2? " * 200

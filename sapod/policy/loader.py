@@ -58,8 +58,10 @@ def load_policy(cfg: Config, system_prompt: str,
     get_logger().info("model_loading", model=cfg.model, path=path)
     policy = HFPolicy(path, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,
                       learning_rate=cfg.learning_rate, temperature=cfg.temperature,
-                      device=None if cfg.device == "auto" else cfg.device, name=cfg.model)
+                      device=None if cfg.device == "auto" else cfg.device, name=cfg.model,
+                      compile_generation=cfg.compile_generation)
     get_logger().info("model_loaded", model=cfg.model, path=path, device=str(policy.device),
+                      compile_generation=policy.compile_generation,
                       parameters=sum(p.numel() for p in policy.model.parameters()),
                       seconds=round(time.monotonic() - t0, 2))
     return policy

@@ -1,0 +1,92 @@
+"""Helpers of scripts/bench_gpu.py: the model shapes, building models with random weights (no hub),
+a tokenizer trained on task text, device timing helpers and progress lines."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # name -> (config class, full shape, smoke shape)
+    "gpt2-124m": ("GPT2Config", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+                  dict(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=1024, bos_token_id=0,
+                       eos_token_id=0)),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                                         tie_word_embeddings=True),
+                     dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, vocab_size=512, tie_word_embeddings=True)),
+}
+
+
+def say(*parts) -> None:
+    """One progress line on stderr per measured cell, so a run cut short still shows its figures."""
+    print("bench_gpu:", *parts, file=sys.stderr, flush=True)
+
+
+def err(exc: BaseException) -> dict:
+    return {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+
+
+def build(name: str, smoke: bool, dev, vocab: int | None = None):
+    import transformers
+
+    cls, full, tiny = SHAPES[name]
+    kw = dict(tiny if smoke else full, **({"vocab_size": vocab} if vocab else {}))
+    torch.manual_seed(0)
+    with torch.device(dev):  # initialise on the device: random init of a 150k vocab is slow on CPU
+        return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw))
+
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def free(dev) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def make_tokenizer(vocab_size: int, corpus: list[str]):
+    """A byte-level BPE (like sapod:tiny's) padded with filler tokens to exactly vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 2048), special_tokens=[eos], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # A real-size vocab keeps the embedding and LM head at the model's shape; fillers are never
+    # produced by encoding but decode to plain text, so the random model's samples stay valid.
+    spec = json.loads(bpe.to_str())
+    vocab, i = spec["model"]["vocab"], 0
+    while len(vocab) < vocab_size:
+        vocab.setdefault(f"Ġfill{i}", len(vocab))
+        i += 1
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=eos,
+                                   pad_token=eos, model_max_length=1024, clean_up_tokenization_spaces=False)
+
+
+def gpt2_model_dir(a, model_dir: Path) -> int:
+    """A GPT-2-124M-shaped model with random weights and a BPE tokenizer trained on task text, saved
+    as a model folder sapod loads by path (the nine default tasks' prompts). Its parameter count."""
+    from sapod.tasks import make_task_source
+
+    source = make_task_source("")
+    tok = make_tokenizer(SHAPES["gpt2-124m"][2 if a.smoke else 1]["vocab_size"],
+                         [source.system_prompt] * 10 + [i.question for i in source.sample(200, 1)])
+    model = build("gpt2-124m", a.smoke, "cpu", vocab=len(tok))
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = tok.eos_token_id
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return sum(p.numel() for p in model.parameters())
