@@ -121,6 +121,17 @@ def test_compile_generation_refuses_a_model_without_a_static_cache(model_dir, mo
     assert make_policy(model_dir).compile_generation is False  # the default path still loads
 
 
+def test_load_policy_passes_compile_generation_and_warns_off_cuda(model_dir, make_cfg, capsys):
+    """COMPILE_GENERATION reaches the policy; on a CPU the log says the static cache runs uncompiled."""
+    from sapod.policy.loader import load_policy
+
+    policy = load_policy(make_cfg(model=model_dir, compile_generation="true", device="cpu", max_new_tokens=12), SYSTEM)
+    assert policy.compile_generation is True
+    assert '"event": "compile_generation_without_cuda"' in capsys.readouterr().out
+    assert load_policy(make_cfg(model=model_dir, device="cpu", max_new_tokens=12), SYSTEM).compile_generation is False
+    assert "compile_generation_without_cuda" not in capsys.readouterr().out
+
+
 def test_generate_truncates_overlong_prompts(policy):
     """A prompt longer than n_positions - max_new_tokens is cut from the left and still generates."""
     long_q = "what is 1 plus 2? " * 200

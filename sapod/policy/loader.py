@@ -64,4 +64,8 @@ def load_policy(cfg: Config, system_prompt: str,
                       compile_generation=policy.compile_generation,
                       parameters=sum(p.numel() for p in policy.model.parameters()),
                       seconds=round(time.monotonic() - t0, 2))
+    if policy.compile_generation and policy.device.type != "cuda":
+        # transformers compiles generation on CUDA only; an uncompiled static cache is slower
+        get_logger().warning("compile_generation_without_cuda", device=str(policy.device),
+                             detail="the static KV cache runs uncompiled here, slower than without it")
     return policy
