@@ -23,6 +23,21 @@ from sapod.logs import get_logger
 # in a loop.
 READ_EVENTS = frozenset({"opened", "closed_no_write"})
 
+
+def _event_filter() -> list | None:
+    """The events that can mean new data: a file or folder created, moved in, deleted, or
+    closed after writing (a writer that does not rename). Given to watchdog, it narrows the
+    kernel's inotify mask, so reads, in-place modifications and attribute changes (every
+    node reading every peer's file) never reach the observer thread. None where watchdog
+    has no such classes (every event then arrives and READ_EVENTS are dropped here)."""
+    try:
+        from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent,
+                                     FileCreatedEvent, FileDeletedEvent, FileMovedEvent)
+    except ImportError:  # pragma: no cover - older watchdog
+        return None
+    return [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirCreatedEvent,
+            DirMovedEvent, DirDeletedEvent]
+
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "9p", "afs", "ceph", "glusterfs", "lustre",
               "davfs", "sshfs", "virtiofs")
 
@@ -99,6 +114,11 @@ class _Folder:
     def dispatch(self, event: Any) -> None:
         if event.event_type in READ_EVENTS:
             return
+        # A hidden name is one of our temp files (or an .nfs leftover): creating and writing it
+        # means nothing yet; the rename that publishes it arrives as a move to the real name.
+        name = os.path.basename(getattr(event, "dest_path", "") or event.src_path)
+        if isinstance(name, str) and name.startswith("."):
+            return
         for loop in tuple(self.by_loop):
             # Set before the hop is scheduled, cleared by the hop before it wakes anyone:
             # an event that finds it set is followed by a wake-up that sees its effect.
@@ -140,6 +160,16 @@ class _SharedObserver:
         return observer
 
     @classmethod
+    def _schedule(cls, handler: _Folder, folder: str) -> Any:
+        events = _event_filter()
+        if events is not None:
+            try:
+                return cls._observer.schedule(handler, folder, recursive=False, event_filter=events)
+            except TypeError:  # a watchdog without event_filter: all events, filtered in dispatch
+                pass
+        return cls._observer.schedule(handler, folder, recursive=False)
+
+    @classmethod
     def acquire(cls) -> None:
         with cls._lock:
             if cls._observer is None:
@@ -169,7 +199,7 @@ class _SharedObserver:
             watches, cls._watches = cls._watches, {}
             for folder, (_, handler) in watches.items():
                 try:
-                    cls._watches[folder] = (cls._observer.schedule(handler, folder, recursive=False), handler)
+                    cls._watches[folder] = (cls._schedule(handler, folder), handler)
                 except OSError:
                     pass  # the folder is gone; the node re-watches what it needs
         try:
@@ -183,7 +213,7 @@ class _SharedObserver:
         with cls._lock:
             if folder not in cls._watches:
                 handler = _Folder()
-                cls._watches[folder] = (cls._observer.schedule(handler, folder, recursive=False), handler)
+                cls._watches[folder] = (cls._schedule(handler, folder), handler)
             cls._watches[folder][1].subscribe(watcher)
 
     @classmethod

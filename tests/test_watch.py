@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from sapod.watch import Watcher, mount_fstype, pick_watch_mode
 
@@ -98,6 +99,43 @@ def test_reads_do_not_wake_watchers(tmp_path):
             w.close()
 
     assert asyncio.run(go()) is False
+
+
+def test_only_changes_reach_the_handler_and_temp_files_wake_nobody(tmp_path, monkeypatch):
+    """The kernel's inotify mask leaves out reads and in-place modifications (every node reads
+    every peer's file: those events would keep the observer thread busy), and writing one of
+    our hidden temp files wakes nobody; the rename that publishes it does."""
+    from sapod.watch import _Folder
+
+    seen: list[str] = []
+    dispatch = _Folder.dispatch
+    monkeypatch.setattr(_Folder, "dispatch", lambda self, event: (seen.append(event.event_type),
+                                                                  dispatch(self, event))[1])
+    (tmp_path / "peer.json").write_text("{}")
+
+    async def go():
+        w = Watcher("inotify", asyncio.get_running_loop())
+        try:
+            w.watch([tmp_path])
+            await asyncio.sleep(0.1)
+            w._wake.clear()
+            seen.clear()
+            for _ in range(20):
+                (tmp_path / "peer.json").read_bytes()
+            tmp = tmp_path / ".w1.json.tmp-1-abcdef01"
+            with open(tmp, "w") as fh:
+                fh.write("{")
+                fh.flush()
+                fh.write("}")
+            quiet = await w.wait(0.5)
+            noise = [e for e in seen if e in ("opened", "closed_no_write", "modified")]
+            os.replace(tmp, tmp_path / "w1.json")
+            return quiet, noise, await w.wait(5)
+        finally:
+            w.close()
+
+    quiet, noise, woke = asyncio.run(go())
+    assert noise == [] and quiet is False and woke is True
 
 
 def test_dead_observer_is_restarted_with_its_watches(tmp_path):
