@@ -130,7 +130,8 @@ def test_sigterm_checkpoints_and_restart_resumes(tmp_path, tiny_cache):
     shared, logdir = tmp_path / "shared", tmp_path / "logs"
     shared.mkdir()
     logdir.mkdir()
-    env = node_env(shared, tiny_cache, MAX_ROUNDS="6", CHECKPOINT_INTERVAL="100", NUM_TRANSPLANT_TREES="0")
+    # enough rounds that the worker is still mid-run when the signal lands (a round takes a fraction of a second)
+    env = node_env(shared, tiny_cache, MAX_ROUNDS="30", CHECKPOINT_INTERVAL="100", NUM_TRANSPLANT_TREES="0")
     root = shared / "experiments" / "it"
     coord = start("coordinator", "coord", env, logdir)
     worker = start("worker", "w1", env, logdir)
@@ -157,7 +158,7 @@ def test_sigterm_checkpoints_and_restart_resumes(tmp_path, tiny_cache):
     assert worker.wait(180) == 0 and coord.wait(60) == 0
     rows = read_rows(paths.metrics_file(root, "w1"))
     rounds = [r["round"] for r in rows]
-    assert rounds == sorted(set(rounds)) and rounds[-1] == 5, rounds
+    assert rounds == sorted(set(rounds)) and rounds[-1] == 29, rounds
     assert rows[-1]["cumulative_reward"] == pytest.approx(sum(r["reward_mean"] for r in rows))
     _, final = latest_checkpoint(root, "w1")
     assert json.loads((final / "counters.json").read_text())["rounds_done"] == len(rows)
