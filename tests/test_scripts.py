@@ -39,8 +39,9 @@ def test_tmux_swarm_runs_to_the_end(tmp_path):
         windows = subprocess.run(["tmux", "list-windows", "-t", session, "-F", "#{window_name}"],
                                  capture_output=True, text=True, check=True).stdout.split()
         assert windows == ["coordinator", "w1", "w2"]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "node_stopped" not in (tmp_path / "logs" / "w2.log").read_text():
+        logs = [tmp_path / "logs" / f"{node}.log" for node in ("coordinator", "w1", "w2")]
+        deadline = time.monotonic() + 20  # each node logs its last line as it exits, in no set order
+        while time.monotonic() < deadline and not all("node_stopped" in f.read_text() for f in logs):
             time.sleep(0.2)
         for node in ("coordinator", "w1", "w2"):
             lines = (tmp_path / "logs" / f"{node}.log").read_text().splitlines()
