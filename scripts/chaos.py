@@ -162,14 +162,12 @@ class Harness:
             w = self.rng.choice(workers)
             self.busy.add(w.node_id)
             self.later(self.rng.uniform(0, 0.6), lambda: (self.kill(w), self.later(
-                self.rng.uniform(0.5, 2.0), lambda: (self.spawn(w.node_id, "worker"),
-                                                     self.busy.discard(w.node_id)))))
+                self.rng.uniform(0.5, 2.0), lambda: self._restart_worker(w))))
         elif fault == "kill-coordinator" and self.coord is not None and self.coord.node_id not in self.busy:
             c = self.coord
             self.busy.add(c.node_id)
             self.later(self.rng.uniform(0, 0.4), lambda: (self.kill(c), self.later(
-                self.rng.uniform(0.3, 1.5), lambda: (self._new_coordinator(c.node_id),
-                                                     self.busy.discard(c.node_id)))))
+                self.rng.uniform(0.3, 1.5), lambda: self._restart_coordinator(c))))
         elif fault == "stop-worker" and workers:
             w = self.rng.choice(workers)
             w.stopped = True
@@ -196,6 +194,19 @@ class Harness:
 
     def _new_coordinator(self, node: str) -> None:
         self.coord = self.spawn(node, "coordinator")
+
+    def _restart_worker(self, w: Proc) -> None:
+        """The restart after a kill, unless the dead phase has meanwhile made it the dead worker."""
+        if w.node_id != self.notes.get("dead"):
+            self.spawn(w.node_id, "worker")
+        self.busy.discard(w.node_id)
+
+    def _restart_coordinator(self, c: Proc) -> None:
+        """The restart after a kill, unless another coordinator replaced the killed one meanwhile
+        (the dead phase does): two daemons with one NODE_ID would be the harness's doing."""
+        if self.coord is c:
+            self._new_coordinator(c.node_id)
+        self.busy.discard(c.node_id)
 
     def _resume(self, w: Proc) -> None:
         if w.popen.poll() is None:
@@ -323,10 +334,11 @@ class Harness:
         for p in self.procs:  # a twin still deciding would carry on once its original is dead
             if p.tag == "-twin":
                 self.kill(p)
-        workers = [w for w in self.running("worker")]
+        workers = self.running("worker")
         if not workers or self.coord is None:
             return
-        victim = self.rng.choice(workers)
+        # a worker with a kill and restart pending would be restarted after dying "for good"
+        victim = self.rng.choice([w for w in workers if w.node_id not in self.busy] or workers)
         self.notes["dead"] = victim.node_id
         self.kill(victim)
         self.clean_coordinator = True  # its rounds measure the bound, not injected errors
