@@ -11,6 +11,7 @@ one I/O error).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from pathlib import Path
@@ -24,7 +25,8 @@ from sapod.logs import get_logger
 READ_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
-def _event_filter() -> list | None:
+@functools.cache  # one list per process: every watch of every node passes the same
+def _event_filter() -> tuple | None:
     """The events that can mean new data: a file or folder created, moved in, deleted, or
     closed after writing (a writer that does not rename). Given to watchdog, it narrows the
     kernel's inotify mask, so reads, in-place modifications and attribute changes (every
@@ -35,8 +37,9 @@ def _event_filter() -> list | None:
                                      FileCreatedEvent, FileDeletedEvent, FileMovedEvent)
     except ImportError:  # pragma: no cover - older watchdog
         return None
-    return [FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirCreatedEvent,
-            DirMovedEvent, DirDeletedEvent]
+    return (FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirCreatedEvent,
+            DirMovedEvent, DirDeletedEvent)
+
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "9p", "afs", "ceph", "glusterfs", "lustre",
               "davfs", "sshfs", "virtiofs")

@@ -184,7 +184,8 @@ def main() -> int:
         r = bench(n, Run(args.rounds, mode, args.poll_interval, task), args.dir, procs)
         results.append(r)
         p = r["per_node_round"]
-        print(f"{'file' if r['tasks'].endswith('.jsonl') else r['tasks'][:11]:<12}{mode:<8}{procs:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}"
+        label = "file" if r["tasks"].endswith(".jsonl") else r["tasks"][:11]
+        print(f"{label:<12}{mode:<8}{procs:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}"
               f"{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}{p['reads']:>8.1f}"
               f"{p['listings']:>8.1f}", flush=True)
     out = {"benchmark": "coordination", "results": results}

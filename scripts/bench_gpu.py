@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench_gpu_lib import SHAPES, build, err, free, gpt2_model_dir, say, sync
+from bench_gpu_lib import SHAPES, build, err, free, gpt2_model_dir, peak_gib, say, sync
 
 ORIGINAL_S_PER_ROUND = 38.0  # the original RL Swarm's reported round time; not measured here
 VARIANTS = ("fp32", "bf16_autocast", "bf16", "bf16_static_compile")
@@ -162,9 +162,10 @@ def grpo(a, dev) -> dict:
                     opt.zero_grad(set_to_none=True)
                     sync(dev)
                     secs.append(time.perf_counter() - t0)
-                peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+                peak = peak_gib(dev)
                 out[name][prec] = {"seconds": statistics.median(secs[1:]), "peak_mem_gib": peak, "tokens": b * (p + c)}
-                say(name, "grpo step", prec, f"{out[name][prec]['seconds']:.3f} s", "peak " + (f"{peak:.2f} GiB" if peak is not None else "-"))
+                say(name, "grpo step", prec, f"{out[name][prec]['seconds']:.3f} s",
+                    "peak " + (f"{peak:.2f} GiB" if peak is not None else "-"))
             except Exception as exc:
                 out[name][prec] = err(exc)
                 say(name, "grpo step", prec, out[name][prec])
@@ -210,8 +211,7 @@ def node_round(a, dev) -> dict:
                 g, t = statistics.median(gen_s[1:]), statistics.median(train_s[1:])
                 out[mode] = {"generate_s": g, "train_s": t, "node_round_s": g + t, "first_generate_s": gen_s[0],
                              "tokens_generated": tokens, "tokens_trained": int(stats["tokens"]),
-                             "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
-                             else None}
+                             "peak_mem_gib": peak_gib(dev)}
                 say("node-round", mode, f"generate {g:.3f} s + train {t:.3f} s = {g + t:.3f} s",
                     f"(first generate {gen_s[0]:.1f} s)")
             except Exception as exc:
@@ -257,7 +257,7 @@ def swarm(a, dev) -> dict:
             for r in done[seen:]:  # one line per round, so a long run shows it is moving
                 say("swarm", f"round {r.get('round')} complete in {float(r.get('seconds', 0)):.2f} s")
             seen = max(seen, len(done))
-        codes = {n: proc.poll() if proc.poll() is not None else "timeout" for n, proc in procs.items()}
+        codes = {n: "timeout" if (c := proc.poll()) is None else c for n, proc in procs.items()}
     finally:
         for proc in procs.values():  # only the processes this script started
             if proc.poll() is None:
@@ -355,9 +355,11 @@ def report(part: str, res: dict) -> None:
                 print(f"  {model:<14}{variant:<21}{line}")
     elif part == "node_round":
         for mode, c in res.items():
-            print(f"  {mode:<20}" + ("  ".join(f"{k} {c[k]:.3f} s" for k in ("generate_s", "train_s", "node_round_s"))
-                                     + f"  (first generate {c['first_generate_s']:.1f} s)" if "error" not in c
-                                     else c["error"][:100]))
+            if "error" in c:
+                print(f"  {mode:<20}{c['error'][:100]}")
+                continue
+            times = "  ".join(f"{k} {c[k]:.3f} s" for k in ("generate_s", "train_s", "node_round_s"))
+            print(f"  {mode:<20}{times}  (first generate {c['first_generate_s']:.1f} s)")
     elif part == "grpo":
         for model, precs in res.items():
             for prec, c in precs.items():

@@ -46,6 +46,11 @@ def sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
+def peak_gib(dev) -> float | None:
+    """Peak GPU memory since the last ``free``, GiB (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+
 def free(dev) -> None:
     gc.collect()
     if dev.type == "cuda":

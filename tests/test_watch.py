@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 from sapod.watch import Watcher, mount_fstype, pick_watch_mode
@@ -82,21 +83,27 @@ def test_many_nodes_share_one_inotify_watch_per_folder(tmp_path):
     assert all(asyncio.run(go()))
 
 
+@contextlib.asynccontextmanager
+async def settled_watcher(folder):
+    """An inotify Watcher of ``folder`` whose start-up events have passed and been cleared."""
+    w = Watcher("inotify", asyncio.get_running_loop())
+    try:
+        w.watch([folder])
+        await asyncio.sleep(0.1)
+        w._wake.clear()
+        yield w
+    finally:
+        w.close()
+
+
 def test_reads_do_not_wake_watchers(tmp_path):
     """Reading a watched file (open, close without writing) is not a change and wakes nobody."""
     (tmp_path / "state.json").write_text("{}")
 
     async def go():
-        w = Watcher("inotify", asyncio.get_running_loop())
-        try:
-            w.watch([tmp_path])
-            await asyncio.sleep(0.1)
-            w._wake.clear()
-            loop = asyncio.get_running_loop()
-            loop.call_later(0.05, (tmp_path / "state.json").read_text)
+        async with settled_watcher(tmp_path) as w:
+            asyncio.get_running_loop().call_later(0.05, (tmp_path / "state.json").read_text)
             return await w.wait(0.5)
-        finally:
-            w.close()
 
     assert asyncio.run(go()) is False
 
@@ -114,11 +121,7 @@ def test_only_changes_reach_the_handler_and_temp_files_wake_nobody(tmp_path, mon
     (tmp_path / "peer.json").write_text("{}")
 
     async def go():
-        w = Watcher("inotify", asyncio.get_running_loop())
-        try:
-            w.watch([tmp_path])
-            await asyncio.sleep(0.1)
-            w._wake.clear()
+        async with settled_watcher(tmp_path) as w:
             seen.clear()
             for _ in range(20):
                 (tmp_path / "peer.json").read_bytes()
@@ -131,8 +134,6 @@ def test_only_changes_reach_the_handler_and_temp_files_wake_nobody(tmp_path, mon
             noise = [e for e in seen if e in ("opened", "closed_no_write", "modified")]
             os.replace(tmp, tmp_path / "w1.json")
             return quiet, noise, await w.wait(5)
-        finally:
-            w.close()
 
     quiet, noise, woke = asyncio.run(go())
     assert noise == [] and quiet is False and woke is True
