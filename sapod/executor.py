@@ -1,9 +1,17 @@
-"""The one thread that does GPU work, shared by every node in the process.
+"""The threads that do blocking work for the event loop: one for the GPU, a few for writes.
 
-One thread keeps CUDA work serialized (several nodes may share a GPU) and keeps the
-event loop free for heartbeats, file events and signals while the GPU is busy.
-The caller's contextvars are copied in, so log lines from the GPU thread carry the
+One GPU thread keeps CUDA work serialized (several nodes may share a GPU) and keeps
+the event loop free for heartbeats, file events and signals while the GPU is busy.
+Durable writes (temp file, fsync, rename) wait on the disk, so they run on a small
+pool of their own: the nodes of a process wait for their fsyncs side by side.
+The caller's contextvars are copied in, so log lines from these threads carry the
 node, round and stage bound on the loop.
+
+A lane is a queue and its threads, nothing more: a call is handed over with its
+future and the result comes back through ``call_soon_threadsafe``. That is a
+fraction of what ``run_in_executor`` costs per call (no concurrent.futures Future
+and its condition variable, no chained futures), which counts when a process runs
+many nodes and each makes a few hops per round.
 """
 
 from __future__ import annotations
@@ -11,41 +19,90 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-_running = 0
+
+class Lane:
+    """``threads`` daemon threads taking calls from one queue, started on first use.
+
+    Daemon threads: a call stuck past STOP_TIMEOUT must not keep the process from
+    exiting (``busy`` tells the daemon to leave without waiting for it).
+    """
+
+    def __init__(self, name: str, threads: int):
+        self.name = name
+        self.threads = threads
+        self._queue: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]]]
+        self._queue = queue.SimpleQueue()
+        self._started = 0
+        self._lock = threading.Lock()
+        self.running = 0  # calls in progress
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        ctx = contextvars.copy_context()
+        self._ensure_started()
+        self._queue.put((loop, fut, functools.partial(ctx.run, fn, *args, **kwargs)))
+        return await fut
+
+    def _ensure_started(self) -> None:
+        if self._started < self.threads:
+            with self._lock:
+                while self._started < self.threads:
+                    self._started += 1
+                    threading.Thread(target=self._serve, name=f"{self.name}_{self._started - 1}",
+                                     daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            loop, fut, call = self._queue.get()
+            with self._lock:
+                self.running += 1
+            try:
+                result, error = call(), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc
+            finally:
+                with self._lock:
+                    self.running -= 1
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+            del fut, call, result, error
 
 
-def gpu_executor() -> ThreadPoolExecutor:
-    global _executor
-    with _lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sapod-gpu")
-        return _executor
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is None:
+        fut.set_result(result)
+    elif isinstance(error, StopIteration):  # a future cannot hold StopIteration
+        fut.set_exception(RuntimeError(f"StopIteration raised in a {fut!r} call"))
+    else:
+        fut.set_exception(error)
+
+
+GPU = Lane("sapod-gpu", 1)
+WRITES = Lane("sapod-write", 4)
 
 
 async def run_on_gpu(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    ctx = contextvars.copy_context()
-    call = functools.partial(ctx.run, _counted, fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(gpu_executor(), call)
+    """``fn(*args, **kwargs)`` on the process's GPU thread."""
+    return await GPU.run(fn, *args, **kwargs)
 
 
-def _counted(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    global _running
-    _running += 1  # only ever touched from the one GPU thread
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _running -= 1
+async def run_write(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` (a durable write) on the write threads."""
+    return await WRITES.run(fn, *args, **kwargs)
 
 
 def busy() -> bool:
     """True while the GPU thread is still running a call (e.g. abandoned at stop)."""
-    return _running > 0
+    return GPU.running > 0

@@ -9,6 +9,8 @@ and every completion is scored with this node's own verifier.
 from __future__ import annotations
 
 import random
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
@@ -18,9 +20,10 @@ from sapod.errors import Rejected
 from sapod.logs import get_logger
 from sapod.sampling import select_external
 from sapod.schema import ROLLOUTS, ClaimedItem, Rollouts, envelope, parse_rollouts
-from sapod.store import ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_json, read_json_sized
+from sapod.store import IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_json, read_json_sized
 from sapod.tasks import TaskSource
 from sapod.types import Group, TaskItem
+from sapod.watch import folder_version
 
 
 @dataclass
@@ -32,13 +35,42 @@ class GatherResult:
 
 _ROLLOUTS_CACHE = WriteOnceCache()
 
+# Listings of rollouts folders, shared by the nodes of a process while inotify vouches for
+# them: folder -> (folder_version before listing, when, entries). Trusted for at most
+# LISTING_MAX_AGE seconds, in case events were lost.
+_LISTINGS: dict[str, tuple[tuple[int, int], float, dict[str, tuple[str, int]]]] = {}
+LISTING_MAX_AGE = 0.25
+_LISTINGS_LOCK = threading.Lock()
+
+
+def peer_files(directory: Path) -> dict[str, tuple[str, int]]:
+    """``list_node_entries(directory)``, taken once for all the nodes of a process while
+    no file event has come for the folder since (see ``watch.folder_version``): with N
+    nodes in a process, N listings of N files per round become a few. Do not modify."""
+    key = str(directory)
+    version = folder_version(key)
+    now = time.monotonic()
+    if version is not None:
+        hit = _LISTINGS.get(key)
+        if hit is not None and hit[0] == version and now - hit[1] < LISTING_MAX_AGE:
+            IO["listings_shared"] += 1  # a listing a node running alone would have made
+            return hit[2]
+    entries = list_node_entries(directory)
+    if version is not None:
+        with _LISTINGS_LOCK:  # file work may run on I/O threads
+            if key not in _LISTINGS and len(_LISTINGS) >= 8:  # earlier rounds' folders
+                del _LISTINGS[next(iter(_LISTINGS))]
+            _LISTINGS[key] = (version, now, entries)
+    return entries
+
 
 def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: GatherResult) -> None:
     """Add every newly visible, well-formed peer file to ``result`` (files are write-once)."""
+    entries = peer_files(paths.rollouts_dir(root, round_, stage))
     log = get_logger()
-    for node_id, (path, inode) in list_node_entries(paths.rollouts_dir(root, round_, stage)).items():
-        if node_id == me or node_id in result.rollouts:
-            continue
+    # Set arithmetic, not a loop over the listing: a node wakes several times a round.
+    for node_id in sorted(entries.keys() - result.rollouts.keys() - {me}):
+        path, inode = entries[node_id]
 
         def load(p: str, node_id: str = node_id) -> tuple[Any, int]:
             try:
@@ -68,12 +100,10 @@ def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random
     verifier only when the sampler reaches it (see ``select_external``).
     """
     log = get_logger()
-    candidates = [(node_id, i, claimed) for node_id, rollouts in result.rollouts.items()
-                  for i, claimed in enumerate(rollouts.items)]
-
-    def key(c: tuple[str, int, ClaimedItem]) -> tuple:
-        node_id, _, claimed = c
-        return (node_id, claimed.task, claimed.seed, claimed.index, claimed.question, claimed.completions)
+    # Canonical order without looking inside the groups: peers by id, each peer's distinct
+    # items in file order (a file's exact duplicates are one candidate).
+    candidates = [(node_id, i, claimed) for node_id in sorted(result.rollouts)
+                  for i, claimed in result.rollouts[node_id].distinct]
 
     def score(c: tuple[str, int, ClaimedItem]) -> Group | None:
         node_id, _, claimed = c
@@ -90,7 +120,7 @@ def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random
         return Group(item=item, completions=completions, rewards=[tasks.score(item, c) for c in completions],
                      source=node_id)
 
-    chosen, dropped = select_external(candidates, j, rng, key=key, score=score)
+    chosen, dropped = select_external(candidates, j, rng, key=None, score=score)
     return chosen, len(candidates), dropped
 
 

@@ -8,13 +8,14 @@ thread. Also the append-only JSONL records each node keeps in the shared folder.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from sapod.store import IO, dumps
+from sapod.store import IO, dumps, open_creating_parents, write_all
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
@@ -59,9 +60,11 @@ def append_jsonl(path: Path, records: list[dict[str, Any]]) -> bool:
     """Append JSON lines in one write; a failure is logged, never fatal. True if written."""
     IO["appends"] += 1
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as fh:
-            fh.write(b"".join(dumps(r) + b"\n" for r in records))
+        fd = open_creating_parents(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            write_all(fd, b"".join(dumps(r) + b"\n" for r in records))
+        finally:
+            os.close(fd)
         return True
     except OSError as exc:
         get_logger().warning("records_not_written", path=str(path), records=len(records), error=str(exc))

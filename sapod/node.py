@@ -25,6 +25,7 @@ import structlog
 from sapod import __version__, paths, schema
 from sapod.config import Config
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
+from sapod.executor import run_write
 from sapod.logs import RecordBuffer, get_logger
 from sapod.sdnotify import Notifier
 from sapod.store import atomic_write_json, read_json
@@ -70,6 +71,9 @@ class Node:
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(node=self.node_id, role=self.role)
+        # Resolved once, under the configuration in force now: a lazy logger would rebuild
+        # itself on every call, and a node logs a dozen lines a round.
+        self.log = get_logger().bind()
         try:
             await self.startup()
             self._hb_task = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.node_id}")
@@ -120,7 +124,7 @@ class Node:
     async def publish(self, path: Path, doc: dict[str, Any]) -> None:
         """A durable, atomic write, always in a thread: its fsyncs wait on the disk,
         and nodes sharing a process should wait in parallel, not one after another."""
-        await asyncio.to_thread(atomic_write_json, path, doc)
+        await run_write(atomic_write_json, path, doc)
 
     def _check_folder(self) -> None:
         if not self.cfg.shared.is_dir():

@@ -57,6 +57,10 @@ class PeerTable:
         self._log = get_logger()
         self._refreshed_at: float | None = None
         self._lock = threading.Lock()
+        # live() per role, kept until the next refresh (a new version) or the first live
+        # peer's deadline: (version, deadline, peers).
+        self._version = 0
+        self._live: dict[str | None, tuple[int, float, frozenset[str]]] = {}
 
     def refresh(self, max_age: float = 0.0) -> None:
         """Re-read peers/, unless the last read is younger than ``max_age`` seconds.
@@ -89,6 +93,7 @@ class PeerTable:
                 self._seen[node_id] = _Seen(peer, now)
             else:
                 seen.peer = peer
+        self._version += 1  # after the changes: a live() computed meanwhile is not kept
 
     def peers(self) -> dict[str, Peer]:
         return {k: v.peer for k, v in self._seen.items()}
@@ -99,8 +104,24 @@ class PeerTable:
             return False
         return self.clock() - seen.changed_at < self.timeout
 
-    def live(self, role: str | None = "worker") -> set[str]:
-        return {k for k, v in self._seen.items() if (role is None or v.peer.role == role) and self.alive(k)}
+    def live(self, role: str | None = "worker") -> frozenset[str]:
+        """The peers of ``role`` (any role for None) that are alive now.
+
+        Every node of a process asks on every wake; the answer only changes at a
+        refresh or when a live peer's heartbeat goes stale, so it is kept until then.
+        """
+        now, version = self.clock(), self._version
+        cached = self._live.get(role)
+        if cached is not None and cached[0] == version and now < cached[1]:
+            return cached[2]
+        seen = list(self._seen.items())  # one step under the GIL: an I/O thread may be refreshing
+        alive = [(k, v.changed_at + self.timeout) for k, v in seen
+                 if (role is None or v.peer.role == role) and v.peer.status not in GONE
+                 and now < v.changed_at + self.timeout]
+        live = frozenset(k for k, _ in alive)
+        deadline = min((d for _, d in alive), default=float("inf"))
+        self._live[role] = (version, deadline, live)
+        return live
 
     def age(self, node_id: str) -> float | None:
         """Seconds since we saw this peer's heartbeat move, on our clock."""

@@ -35,30 +35,37 @@ def _group_key(g: Group) -> tuple:
 
 
 def select_external(candidates: Sequence[T], j: int, rng: random.Random, *,
-                    key: Callable[[T], Any] = _group_key,
+                    key: Callable[[T], Any] | None = _group_key,
                     score: Callable[[T], Group | None] = _identity) -> tuple[list[Group], int]:
     """Up to ``j`` distinct groups with signal, uniformly at random without replacement.
 
     Candidates are put in a canonical order (by ``key``, so the listing order of the
-    shared folder does not matter), shuffled with ``rng``, and taken in that order:
-    each is scored (``score`` checks and scores a peer's item lazily; None means
-    invalid) and kept if its rewards are not all equal, until ``j`` are kept. Taking
-    the first ``j`` of a uniform shuffle that pass the filter is a uniform sample of
-    the groups that pass it, and only the groups looked at are ever scored, which
-    keeps a node's cost at O(J) verifier calls however large the swarm.
+    shared folder does not matter; ``key=None`` when the caller passes them distinct
+    and in a canonical order already) and drawn one at a time in a random order (a
+    Fisher-Yates shuffle that stops early): each is scored (``score`` checks and
+    scores a peer's item lazily; None means invalid) and kept if its rewards are not
+    all equal, until ``j`` are kept. Taking the first ``j`` of a uniform shuffle that
+    pass the filter is a uniform sample of the groups that pass it, and only the
+    groups drawn are ever scored or cost a random draw, which keeps a node's cost at
+    O(J) verifier calls however large the swarm.
 
     Returns ``(chosen, dropped)``: ``dropped`` counts the examined groups discarded for
     zero advantage. Exact duplicates are collapsed first and not counted.
     """
-    unique = {key(c): c for c in candidates}
-    order = [unique[k] for k in sorted(unique)]
-    rng.shuffle(order)
+    if key is None:
+        order = list(candidates)
+    else:
+        unique = {key(c): c for c in candidates}
+        order = [unique[k] for k in sorted(unique)]
     chosen: list[Group] = []
     dropped = 0
-    for candidate in order:
+    n = len(order)
+    for i in range(n):
         if len(chosen) >= j:
             break
-        group = score(candidate)
+        pick = rng.randrange(i, n)
+        order[i], order[pick] = order[pick], order[i]
+        group = score(order[i])
         if group is None:
             continue
         if has_signal(group.rewards):

@@ -8,6 +8,7 @@ changes meaning.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,6 +178,15 @@ class Rollouts:
     instance: str
     model: str
     items: tuple[ClaimedItem, ...] = field(default_factory=tuple)
+
+    @functools.cached_property
+    def distinct(self) -> tuple[tuple[int, ClaimedItem], ...]:
+        """``(position, item)`` for each item but exact repeats of an earlier one; computed
+        once per file (parsed files are shared by the nodes of a process)."""
+        first: dict[ClaimedItem, int] = {}
+        for i, item in enumerate(self.items):
+            first.setdefault(item, i)
+        return tuple((i, item) for item, i in first.items())
 
 
 def parse_rollouts(d: dict[str, Any], node_id: str, round_: int, stage: int) -> Rollouts:

@@ -314,21 +314,14 @@ class FileSource:
             raise ValueError(f"unsupported task file type {path.suffix!r}; use {', '.join(FILE_SUFFIXES)}")
         if not path.is_file():
             raise ValueError(f"task file not found: {path}")
-        rows = _load_rows(path, kind)
-        if not rows:
-            raise ValueError(f"task file {path} has no rows")
-        missing = [c for c in ("question", "answer") if c not in rows[0]]
-        if missing:
-            raise ValueError(f"task file {path} lacks column(s) {', '.join(missing)}; needs question and answer")
-        self._rows: list[tuple[str, str | None, dict[str, Any]]] = []
-        for row in rows:
-            q = row.get("question")
-            if q is None or str(q) == "":
-                continue  # unusable; skipping keeps indices stable for identical files
-            extra = {k: v for k, v in row.items() if k not in ("question", "answer")}
-            self._rows.append((str(q), _answer_text(row.get("answer")), jsonable(extra)))
-        if not self._rows:
-            raise ValueError(f"task file {path} has no row with a question")
+        st = path.stat()
+        key = (str(path.resolve()), kind, st.st_mtime_ns, st.st_size)
+        rows = _FILE_ROWS.get(key)
+        if rows is None:
+            rows = _FILE_ROWS[key] = _file_rows(path, kind)
+            while len(_FILE_ROWS) > 8:
+                _FILE_ROWS.pop(next(iter(_FILE_ROWS)))
+        self._rows = rows
         self.name = f"file:{path.name}"
         self.system_prompt = default_system_prompt()
 
@@ -373,6 +366,31 @@ class FileSource:
             return 0.0
 
 
+# Rows of the task files read so far, by (path, kind, mtime, size): the nodes of one
+# process (a demo, a benchmark) share one copy, read once. Never modified once read.
+_FILE_ROWS: dict[tuple[str, str, int, int], list[tuple[str, str | None, dict[str, Any]]]] = {}
+
+
+def _file_rows(path: Path, kind: str) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(question, answer, metadata) per usable row of a task file; ValueError when unusable."""
+    rows = _load_rows(path, kind)
+    if not rows:
+        raise ValueError(f"task file {path} has no rows")
+    missing = [c for c in ("question", "answer") if c not in rows[0]]
+    if missing:
+        raise ValueError(f"task file {path} lacks column(s) {', '.join(missing)}; needs question and answer")
+    out = []
+    for row in rows:
+        q = row.get("question")
+        if q is None or str(q) == "":
+            continue  # unusable; skipping keeps indices stable for identical files
+        extra = {k: v for k, v in row.items() if k not in ("question", "answer")}
+        out.append((str(q), _answer_text(row.get("answer")), jsonable(extra)))
+    if not out:
+        raise ValueError(f"task file {path} has no row with a question")
+    return out
+
+
 def _load_rows(path: Path, kind: str) -> list[dict[str, Any]]:
     from datasets import Features, Value, disable_progress_bars, load_dataset
 
@@ -391,7 +409,7 @@ def _load_rows(path: Path, kind: str) -> list[dict[str, Any]]:
     except Exception as e:
         msg = " ".join(str(e).split())[:200]
         raise ValueError(f"cannot read task file {path}: {type(e).__name__}: {msg}") from None
-    return [dict(r) for r in ds]
+    return ds.to_list()
 
 
 def make_task_source(spec: str | None) -> TaskSource:

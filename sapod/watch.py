@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -82,6 +83,13 @@ def pick_watch_mode(requested: str, shared: Path, mounts: str = "/proc/self/moun
     return "inotify", f"{fstype} mount"
 
 
+_SERIALS = itertools.count()
+
+
+def _hidden(name: str | bytes) -> bool:
+    return name.startswith("." if isinstance(name, str) else b".")
+
+
 class _Folder:
     """The one watchdog handler of a watched folder: wakes every Watcher subscribed to it.
 
@@ -94,6 +102,8 @@ class _Folder:
     def __init__(self) -> None:
         self.by_loop: dict[asyncio.AbstractEventLoop, set[Watcher]] = {}
         self._scheduled: set[asyncio.AbstractEventLoop] = set()  # loops with a wake-up pending
+        self.serial = next(_SERIALS)  # never reused, unlike id(): see folder_version
+        self.changes = 0  # events that passed the filters
 
     @property
     def watchers(self) -> set[Watcher]:
@@ -119,9 +129,10 @@ class _Folder:
             return
         # A hidden name is one of our temp files (or an .nfs leftover): creating and writing it
         # means nothing yet; the rename that publishes it arrives as a move to the real name.
-        name = os.path.basename(getattr(event, "dest_path", "") or event.src_path)
-        if isinstance(name, str) and name.startswith("."):
+        names = (os.path.basename(event.src_path), os.path.basename(getattr(event, "dest_path", "") or ""))
+        if all(not name or _hidden(name) for name in names):
             return
+        self.changes += 1
         for loop in tuple(self.by_loop):
             # Set before the hop is scheduled, cleared by the hop before it wakes anyone:
             # an event that finds it set is followed by a wake-up that sees its effect.
@@ -215,6 +226,7 @@ class _SharedObserver:
     def add(cls, watcher: Watcher, folder: str) -> None:
         with cls._lock:
             if folder not in cls._watches:
+                Path(folder).mkdir(parents=True, exist_ok=True)  # a watch needs the folder
                 handler = _Folder()
                 cls._watches[folder] = (cls._schedule(handler, folder), handler)
             cls._watches[folder][1].subscribe(watcher)
@@ -229,6 +241,23 @@ class _SharedObserver:
             if not handler.by_loop:
                 del cls._watches[folder]
                 cls._observer.unschedule(watch)
+
+
+def folder_version(folder: str) -> tuple[int, int] | None:
+    """A value that changes whenever a file in ``folder`` is published, moved or deleted,
+    for a folder this process watches with inotify now; None for any other folder.
+
+    Read it before listing the folder: while it is unchanged, that listing is still
+    whole, since any change after the listing began makes an event that changes it (a
+    reader that takes an old listing in the moment before the event arrives is woken
+    by that event and looks again). Events can be lost (a kernel queue overflow), so a
+    reader should not trust an equal version for long.
+    """
+    entry = _SharedObserver._watches.get(folder)
+    if entry is None or _SharedObserver._observer is None:
+        return None
+    handler = entry[1]
+    return handler.serial, handler.changes
 
 
 class Watcher:
@@ -264,7 +293,6 @@ class Watcher:
             self._folders.discard(old)
         for folder in wanted - self._folders:
             try:
-                Path(folder).mkdir(parents=True, exist_ok=True)
                 _SharedObserver.add(self, folder)
                 self._folders.add(folder)
             except OSError as exc:

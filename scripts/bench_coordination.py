@@ -10,8 +10,9 @@ listings: each costs an API call on Drive). Prints a table, then one JSON line.
 
 All nodes share one event loop, one executor thread and the machine's cores, so a
 round's time here is roughly N times one node's cost; on a real swarm each node has
-its own. Reads are counted as each node would make them alone: nodes in one
-process share parsed peer files through a cache ("reads_in_process" in the JSON).
+its own. Reads and listings are counted as each node would make them alone: nodes
+in one process share parsed peer files and, with inotify, folder listings
+("reads_in_process" and "listings_in_process" in the JSON).
 ``--processes P`` deals the workers out to P child processes and leaves the
 coordinator alone in this one, for machines with cores to spare.
 
@@ -133,12 +134,14 @@ def bench(n: int, run: Run, where: str | None = None, processes: int = 1) -> dic
         "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
         "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
         # Nodes sharing this process read each peer file once between them (a process-wide
-        # cache); "reads" counts what each node would read running alone, as on a real swarm.
+        # cache) and share listings that inotify vouches for; "reads" and "listings" count
+        # what each node would do running alone, as on a real swarm.
         "per_node_round": {"files_written": ops.get("files_written", 0) / node_rounds,
                            "appends": ops.get("appends", 0) / node_rounds,
                            "reads": (ops.get("reads", 0) + ops.get("cache_hits", 0)) / node_rounds,
                            "reads_in_process": ops.get("reads", 0) / node_rounds,
-                           "listings": ops.get("listings", 0) / node_rounds},
+                           "listings": (ops.get("listings", 0) + ops.get("listings_shared", 0)) / node_rounds,
+                           "listings_in_process": ops.get("listings", 0) / node_rounds},
     }
 
 
