@@ -92,7 +92,8 @@ def run_node(cfg: Config) -> int:
     finally:
         release(shared_logs)
     if busy():
-        # The GPU thread is stuck past STOP_TIMEOUT; the interpreter would wait for it.
+        # The GPU thread is stuck past STOP_TIMEOUT: leave at once rather than finalize the
+        # interpreter (and unload CUDA) under a call still running.
         sys.stdout.flush()
         os._exit(code)
     return code

@@ -145,3 +145,38 @@ def test_round_seed_differs_across_inputs():
     assert len(seeds) == 2 * 2 * 3 * 3
     assert round_seed(0, "a|b", 0, "c") != round_seed(0, "a", 0, "b|c")
 
+
+
+def test_choose_external_ignores_listing_order_and_collapses_repeats(tmp_path):
+    """A node's pick among its peers' files depends on the files and the seed only, not on
+    the order the folder listed them in; a file's repeated group is one candidate."""
+    import json
+
+    from sapod.gather import GatherResult, choose_external
+    from sapod.schema import ClaimedItem, Rollouts
+    from sapod.tasks import make_task_source
+
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = make_task_source(str(tmp_path / "sums.jsonl"))
+
+    def claimed(i: int) -> ClaimedItem:
+        it = tasks._item(i)
+        return ClaimedItem(it.task, it.seed, it.index, it.question, it.answer,
+                           (f"<answer>{i + 1}</answer>", "<answer>0</answer>"))
+
+    files = {f"w{n}": Rollouts(f"w{n}", "i", "m", (claimed(2 * n), claimed(2 * n + 1))) for n in range(3)}
+    files["w3"] = Rollouts("w3", "i", "m", (claimed(0), claimed(0)))  # one group, twice
+
+    def pick(order: list[str], seed: int) -> tuple[list[tuple[str, int]], int]:
+        result = GatherResult(rollouts={n: files[n] for n in order})
+        chosen, available, _ = choose_external(result, tasks, 3, random.Random(seed), 8)
+        return [(g.source, g.item.index) for g in chosen], available
+
+    first, available = pick(["w0", "w1", "w2", "w3"], 5)
+    assert available == 7 and len(first) == 3
+    for order in (["w3", "w2", "w1", "w0"], ["w1", "w3", "w0", "w2"]):
+        assert pick(order, 5) == (first, 7)
+    everything = {tuple(pick(["w0", "w1", "w2", "w3"], s)[0]) for s in range(40)}
+    assert len(everything) > 5  # the seed matters
+    assert all(sum(1 for src, _ in picked if src == "w3") <= 1 for picked in everything)

@@ -105,3 +105,24 @@ def test_bad_peer_files_are_skipped(tmp_path):
     table = PeerTable(tmp_path, timeout=10)
     table.refresh()
     assert table.live() == {"w1"}
+
+
+def test_live_set_is_kept_until_a_refresh_or_a_deadline(tmp_path):
+    """live() is answered from memory between refreshes, but never past the moment a peer
+    would time out, and a refresh that sees a change is reflected at once."""
+    now = [100.0]
+    table = PeerTable(tmp_path, timeout=10, clock=lambda: now[0])
+    atomic_write_json(paths.peer_file(tmp_path, "w1"), peer_doc("w1", 1))
+    table.refresh()
+    now[0] = 105.0
+    atomic_write_json(paths.peer_file(tmp_path, "w2"), peer_doc("w2", 1))
+    table.refresh()
+    assert table.live() == {"w1", "w2"}
+    now[0] = 109.9
+    assert table.live() == {"w1", "w2"}
+    now[0] = 110.0  # w1's beat has stood still for the timeout; no refresh in between
+    assert table.live() == {"w2"}
+    atomic_write_json(paths.peer_file(tmp_path, "w2"), peer_doc("w2", 2, status="stopped"))
+    assert table.live() == {"w2"}  # not read yet
+    table.refresh()
+    assert table.live() == set() and table.live(None) == set()

@@ -143,3 +143,38 @@ def test_state_reader_trusts_stat_only_on_local_disks(tmp_path):
         for _ in range(3):
             assert reader.read().round == 1
         assert IO["reads"] - before == reads
+
+
+def test_writes_and_appends_make_missing_folders(tmp_path):
+    """A publish or an append into a folder that is not there yet creates it (and only then)."""
+    from sapod.logs import append_jsonl
+
+    atomic_write_json(tmp_path / "a" / "b" / "w1.json", {"x": 1})
+    assert read_json(tmp_path / "a" / "b" / "w1.json") == {"x": 1}
+    assert append_jsonl(tmp_path / "logs" / "w1" / "events.jsonl", [{"n": 1}, {"n": 2}])
+    assert append_jsonl(tmp_path / "logs" / "w1" / "events.jsonl", [{"n": 3}])
+    assert (tmp_path / "logs" / "w1" / "events.jsonl").read_text() == '{"n":1}\n{"n":2}\n{"n":3}\n'
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["w1.json"]  # no temp file left
+
+
+def test_temp_names_do_not_repeat():
+    """Temp names come from a counter, not the kernel's random source: still distinct."""
+    from sapod.store import _temp_tag
+
+    tags = [_temp_tag() for _ in range(100_000)]
+    assert len(set(tags)) == len(tags) and all(len(t) == 8 for t in tags)
+
+
+def test_reads_take_the_whole_file_whatever_its_size_said(tmp_path):
+    """A file that grew after its size was taken is read to its end, up to the limit."""
+    from sapod.store import _read_at_most
+
+    blob = os.urandom(200_000)
+    (tmp_path / "f").write_bytes(blob)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert _read_at_most(fd, 10**6, size_hint=10) == blob
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert _read_at_most(fd, 70_001, size_hint=0) == blob[:70_001]
+    finally:
+        os.close(fd)

@@ -477,3 +477,18 @@ def test_verifiers_that_eval_never_see_code(tmp_path):
     assert src.score(item, f"<answer>{item.answer}</answer>") == 1.0
     as_list = repr([[int(x) for x in row.split()] for row in item.answer.splitlines()])
     assert src.score(item, f"<answer>{as_list}</answer>") == 0.1  # the verifier's partial credit for a list
+
+
+def test_a_task_file_is_read_once_per_process_until_it_changes(jsonl_path, monkeypatch):
+    """Nodes of one process share a task file's rows; a file changed on disk is read again."""
+    import sapod.tasks as tasks_mod
+
+    reads = []
+    real = tasks_mod._load_rows
+    monkeypatch.setattr(tasks_mod, "_load_rows", lambda path, kind: reads.append(path) or real(path, kind))
+    monkeypatch.setattr(tasks_mod, "_FILE_ROWS", {})
+    a, b = make_task_source(str(jsonl_path)), make_task_source(str(jsonl_path))
+    assert len(reads) == 1 and a.sample(3, 0) == b.sample(3, 0)
+    jsonl_path.write_text(jsonl_path.read_text() + json.dumps({"question": "1+1?", "answer": 2}) + "\n")
+    c = make_task_source(str(jsonl_path))
+    assert len(reads) == 2 and len(c) == 4 and len(a) == 3

@@ -195,3 +195,50 @@ def test_many_watchers_share_one_handler_and_all_wake(tmp_path):
                 w.close()
 
     asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_a_listing_is_shared_until_an_event_comes_for_its_folder(tmp_path, monkeypatch):
+    """With inotify, the nodes of a process share one listing of a rollouts folder until a
+    file is published, moved or deleted there (or the listing is LISTING_MAX_AGE old);
+    writing a hidden temp file changes nothing. Folders not watched are listed every time."""
+    import sapod.gather as gather
+    from sapod.store import IO, atomic_write_json
+    from sapod.watch import folder_version
+
+    monkeypatch.setattr(gather, "LISTING_MAX_AGE", 30.0)
+    folder, other = tmp_path / "round_0", tmp_path / "elsewhere"
+    other.mkdir()
+
+    async def settled(w):
+        while await w.wait(0.2):  # events of earlier writes, until quiet
+            pass
+
+    async def go():
+        async with settled_watcher(folder) as w:
+            atomic_write_json(folder / "w1.json", {"n": 1})
+            await settled(w)
+            version = folder_version(str(folder))
+            first = gather.peer_files(folder)
+            listings = IO["listings"]
+            assert gather.peer_files(folder) is first and IO["listings"] == listings
+            (folder / ".w2.json.tmp-1-00000000").write_text("{}")  # a publish under way
+            await settled(w)
+            assert folder_version(str(folder)) == version and gather.peer_files(folder) is first
+            os.replace(folder / ".w2.json.tmp-1-00000000", folder / "w2.json")
+            await settled(w)
+            assert folder_version(str(folder)) != version
+            assert set(gather.peer_files(folder)) == {"w1", "w2"} and IO["listings"] == listings + 1
+            (folder / "w1.json").unlink()
+            await settled(w)
+            assert set(gather.peer_files(folder)) == {"w2"}
+            monkeypatch.setattr(gather, "LISTING_MAX_AGE", 0.0)  # not trusted for long
+            before = IO["listings"]
+            gather.peer_files(folder)
+            assert IO["listings"] == before + 1
+            assert folder_version(str(other)) is None
+            gather.peer_files(other)
+            gather.peer_files(other)
+            assert IO["listings"] == before + 3
+        assert folder_version(str(folder)) is None  # no longer watched
+
+    asyncio.run(go())

@@ -1,0 +1,75 @@
+"""The GPU thread and the write threads: results, errors, order, and stop-time state."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from sapod.executor import GPU, Lane, busy, run_on_gpu, run_write
+
+
+def test_results_errors_and_one_gpu_thread():
+    """Calls return their value or raise their error in the caller; GPU calls all run, in
+    order, on the one GPU thread, across event loops."""
+    seen: list[tuple[int, str]] = []
+
+    def work(i: int) -> int:
+        seen.append((i, threading.current_thread().name))
+        return i * i
+
+    def fails() -> None:
+        raise ValueError("bad shape")
+
+    async def go() -> list[int]:
+        out = await asyncio.gather(*(run_on_gpu(work, i) for i in range(20)))
+        with pytest.raises(ValueError, match="bad shape"):
+            await run_on_gpu(fails)
+        return out
+
+    assert asyncio.run(go()) == [i * i for i in range(20)]
+    assert asyncio.run(go()) == [i * i for i in range(20)]  # a second loop, the same thread
+    assert [i for i, _ in seen] == list(range(20)) * 2
+    assert {name for _, name in seen} == {"sapod-gpu_0"}
+
+
+def test_write_threads_run_side_by_side():
+    """Four blocking writes that each wait 0.3 s finish together, not one after another."""
+
+    async def go() -> float:
+        t0 = time.monotonic()
+        await asyncio.gather(*(run_write(time.sleep, 0.3) for _ in range(4)))
+        return time.monotonic() - t0
+
+    assert asyncio.run(go()) < 1.0
+
+
+def test_busy_while_a_gpu_call_runs_and_a_cancelled_caller_leaves_the_lane_working():
+    """busy() is true while the GPU thread runs a call (the daemon then exits without
+    waiting); a caller that gives up does not stop the call or jam the lane."""
+    release = threading.Event()
+
+    async def go() -> int:
+        stuck = asyncio.ensure_future(run_on_gpu(release.wait, 5))
+        await asyncio.sleep(0.1)
+        assert busy()
+        stuck.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        return await run_on_gpu(lambda: 7)
+
+    assert asyncio.run(go()) == 7
+    assert not busy() and GPU.running == 0
+
+
+def test_stop_iteration_from_a_call_is_an_error_not_a_hang():
+    """A call that raises StopIteration (which no future can hold) fails cleanly."""
+    lane = Lane("t", 1)
+
+    async def go() -> None:
+        await lane.run(next, iter(()))
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        asyncio.run(go())
