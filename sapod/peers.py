@@ -98,11 +98,14 @@ class PeerTable:
     def peers(self) -> dict[str, Peer]:
         return {k: v.peer for k, v in self._seen.items()}
 
-    def alive(self, node_id: str) -> bool:
-        seen = self._seen.get(node_id)
+    def _alive_until(self, seen: _Seen | None) -> float:
+        """When, on our clock, this peer counts as dead unless its beat moves (-inf: gone)."""
         if seen is None or seen.peer.status in GONE:
-            return False
-        return self.clock() - seen.changed_at < self.timeout
+            return float("-inf")
+        return seen.changed_at + self.timeout
+
+    def alive(self, node_id: str) -> bool:
+        return self.clock() < self._alive_until(self._seen.get(node_id))
 
     def live(self, role: str | None = "worker") -> frozenset[str]:
         """The peers of ``role`` (any role for None) that are alive now.
@@ -115,11 +118,9 @@ class PeerTable:
         if cached is not None and cached[0] == version and now < cached[1]:
             return cached[2]
         seen = list(self._seen.items())  # one step under the GIL: an I/O thread may be refreshing
-        alive = [(k, v.changed_at + self.timeout) for k, v in seen
-                 if (role is None or v.peer.role == role) and v.peer.status not in GONE
-                 and now < v.changed_at + self.timeout]
-        live = frozenset(k for k, _ in alive)
-        deadline = min((d for _, d in alive), default=float("inf"))
+        until = {k: self._alive_until(v) for k, v in seen if role is None or v.peer.role == role}
+        live = frozenset(k for k, t in until.items() if now < t)
+        deadline = min((until[k] for k in live), default=float("inf"))
         self._live[role] = (version, deadline, live)
         return live
 

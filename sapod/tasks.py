@@ -315,13 +315,7 @@ class FileSource:
         if not path.is_file():
             raise ValueError(f"task file not found: {path}")
         st = path.stat()
-        key = (str(path.resolve()), kind, st.st_mtime_ns, st.st_size)
-        rows = _FILE_ROWS.get(key)
-        if rows is None:
-            rows = _FILE_ROWS[key] = _file_rows(path, kind)
-            while len(_FILE_ROWS) > 8:
-                _FILE_ROWS.pop(next(iter(_FILE_ROWS)))
-        self._rows = rows
+        self._rows = _file_rows(path.resolve(), kind, st.st_mtime_ns, st.st_size)
         self.name = f"file:{path.name}"
         self.system_prompt = default_system_prompt()
 
@@ -366,13 +360,13 @@ class FileSource:
             return 0.0
 
 
-# Rows of the task files read so far, by (path, kind, mtime, size): the nodes of one
-# process (a demo, a benchmark) share one copy, read once. Never modified once read.
-_FILE_ROWS: dict[tuple[str, str, int, int], list[tuple[str, str | None, dict[str, Any]]]] = {}
+@functools.lru_cache(maxsize=8)
+def _file_rows(path: Path, kind: str, mtime_ns: int, size: int) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """(question, answer, metadata) per usable row of a task file; ValueError when unusable.
 
-
-def _file_rows(path: Path, kind: str) -> list[tuple[str, str | None, dict[str, Any]]]:
-    """(question, answer, metadata) per usable row of a task file; ValueError when unusable."""
+    Kept by (path, kind, mtime, size): the nodes of one process (a demo, a benchmark)
+    share one copy, read once, and a file changed on disk is read again. Never modified.
+    """
     rows = _load_rows(path, kind)
     if not rows:
         raise ValueError(f"task file {path} has no rows")

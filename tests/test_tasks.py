@@ -486,7 +486,7 @@ def test_a_task_file_is_read_once_per_process_until_it_changes(jsonl_path, monke
     reads = []
     real = tasks_mod._load_rows
     monkeypatch.setattr(tasks_mod, "_load_rows", lambda path, kind: reads.append(path) or real(path, kind))
-    monkeypatch.setattr(tasks_mod, "_FILE_ROWS", {})
+    tasks_mod._file_rows.cache_clear()
     a, b = make_task_source(str(jsonl_path)), make_task_source(str(jsonl_path))
     assert len(reads) == 1 and a.sample(3, 0) == b.sample(3, 0)
     jsonl_path.write_text(jsonl_path.read_text() + json.dumps({"question": "1+1?", "answer": 2}) + "\n")
