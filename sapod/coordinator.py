@@ -50,7 +50,10 @@ class Coordinator(Node):
                 if time.monotonic() >= guard_due:  # once per POLL_INTERVAL, not on every file event
                     await self.io(self._guard, state)
                     guard_due = time.monotonic() + self.cfg.poll_interval
+                had = len(book.accepted)
                 await self.io(self._collect, book)
+                if len(book.accepted) > had:
+                    self.poll_soon()  # submissions are coming in: the rest are likely close behind
                 if book.accepted and self.table.live("worker") <= book.accepted.keys():
                     await self.io(self.table.refresh)  # about to advance: make sure no newcomer is missed
                 reason = book.decide(self.table.live("worker"), time.monotonic() - opened, self.cfg.round_timeout)

@@ -324,11 +324,13 @@ class Node:
         self.watcher.watch(list(folders))
 
     def poll_soon(self) -> None:
-        """Something is expected soon (a phase began): in poll mode, rescan 8 times as
-        often for one POLL_INTERVAL, then at the normal pace.
+        """Something is expected soon (a phase began, or a wait saw part of what it waits
+        for arrive): in poll mode, rescan 8 times as often for one POLL_INTERVAL, then at
+        the normal pace.
 
         A quick round is then seen within a fraction of the interval, hop after hop
-        (state -> workers -> peers' rollouts -> coordinator), while a long wait costs
+        (state -> workers -> peers' rollouts -> coordinator), and a wait whose files are
+        arriving stays quick however long it is, while a wait with nothing arriving costs
         at most 8 extra reads. (A doubling back-off compounds across the hops instead.)
         """
         self._hot_until = time.monotonic() + self.cfg.poll_interval

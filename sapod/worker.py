@@ -296,7 +296,10 @@ class Worker(Node):
         deadline = time.monotonic() + self.cfg.gather_timeout
         while True:
             await self.io(self.table.refresh, self.peer_refresh_age)
+            had = len(result.rollouts)
             await self.io(read_peer_rollouts, self.root, r, s, self.node_id, result)
+            if len(result.rollouts) > had:
+                self.poll_soon()  # peers are publishing: the rest are likely close behind
             waiting = self.table.live("worker") - {self.node_id} - set(result.rollouts)
             if not waiting:
                 break

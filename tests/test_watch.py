@@ -242,3 +242,90 @@ def test_a_listing_is_shared_until_an_event_comes_for_its_folder(tmp_path, monke
         assert folder_version(str(folder)) is None  # no longer watched
 
     asyncio.run(go())
+
+
+# -- the rescan cadence in poll mode ----------------------------------------------------
+def record_rescans(monkeypatch) -> list[float]:
+    """Every Watcher.wait timeout from now on, in order: the node's rescan period."""
+    seen: list[float] = []
+    real = Watcher.wait
+
+    async def wait(self, timeout):
+        seen.append(round(timeout, 6))
+        return await real(self, timeout)
+
+    monkeypatch.setattr(Watcher, "wait", wait)
+    return seen
+
+
+def slowed_down_then_hot_again(seen: list[float], interval: float) -> bool:
+    """A rescan at the normal pace followed, later in the same wait, by quick ones."""
+    hot, cold = round(interval / 8, 6), round(interval, 6)
+    return cold in seen and hot in seen[seen.index(cold):]
+
+
+def test_poll_gather_rescans_quickly_again_when_a_peer_publishes(make_cfg, monkeypatch):
+    """In poll mode a worker gathering peers' rollouts slows to POLL_INTERVAL when nothing
+    comes, and goes back to rescanning 8 times as often once one peer's file arrives:
+    the others are likely close behind."""
+    from conftest import write_peer
+    from sapod import paths
+    from sapod.peers import PeerTable
+    from sapod.state import StateReader
+    from sapod.store import atomic_write_json
+    from sapod.worker import Worker
+    from test_schema import rollouts
+
+    interval = 0.4
+    w = Worker(make_cfg("worker", "w1", watch_mode="poll", poll_interval=interval, peer_timeout=60,
+                        gather_timeout=30))
+    for node in ("w1", "w2", "w3"):
+        write_peer(w.root, node, 1)
+    seen = record_rescans(monkeypatch)
+
+    async def go():
+        w.watcher = Watcher("poll", asyncio.get_running_loop())
+        w.table, w.reader = PeerTable(w.root, 60), StateReader(w.root)
+        gather = asyncio.create_task(w._gather(0, 0))
+        await asyncio.sleep(2.5 * interval)  # nothing arrives: the normal pace
+        assert seen and set(seen) == {interval}
+        atomic_write_json(paths.rollout_file(w.root, 0, 0, "w2"), rollouts("w2"))
+        await asyncio.sleep(4 * interval)  # seen, quick rescans for one interval, then slow again
+        before_w3 = list(seen)
+        atomic_write_json(paths.rollout_file(w.root, 0, 0, "w3"), rollouts("w3"))
+        return await asyncio.wait_for(gather, 10), before_w3
+
+    result, before_w3 = asyncio.run(go())
+    assert sorted(result.rollouts) == ["w2", "w3"]
+    assert slowed_down_then_hot_again(before_w3, interval), before_w3
+    assert before_w3[-1] == interval, before_w3  # nothing more came: back to the normal pace
+
+
+def test_poll_coordinator_rescans_quickly_again_when_a_submission_arrives(make_cfg, monkeypatch):
+    """The coordinator collecting submissions in poll mode: the same quickening on arrival."""
+    from conftest import beating
+    from sapod import paths
+    from sapod.coordinator import Coordinator
+    from sapod.store import atomic_write_json
+    from test_schema import submission
+
+    interval = 0.4
+    c = Coordinator(make_cfg("coordinator", "coord", watch_mode="poll", poll_interval=interval, max_rounds=1))
+    seen = record_rescans(monkeypatch)
+
+    async def go():
+        run = asyncio.create_task(c.run())
+        while c.phase != "collect":
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2.5 * interval)  # the open round's quick rescans are over
+        collecting = len(seen)
+        atomic_write_json(paths.reward_file(c.root, 0, 0, "w1"), submission("w1"))
+        await asyncio.sleep(2 * interval)
+        during = list(seen[collecting - 1:])
+        atomic_write_json(paths.reward_file(c.root, 0, 0, "w2"), submission("w2"))
+        await asyncio.wait_for(run, 10)
+        return during
+
+    with beating(c.root, "w1"), beating(c.root, "w2"):
+        during = asyncio.run(go())
+    assert slowed_down_then_hot_again(during, interval), during
