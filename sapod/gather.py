@@ -21,7 +21,7 @@ from sapod.logs import get_logger
 from sapod.sampling import select_external
 from sapod.schema import ROLLOUTS, ClaimedItem, Rollouts, envelope, parse_rollouts
 from sapod.store import IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_json, read_json_sized
-from sapod.tasks import TaskSource
+from sapod.taskbase import TaskSource
 from sapod.types import Group, TaskItem
 from sapod.watch import folder_version
 

@@ -481,7 +481,7 @@ def test_verifiers_that_eval_never_see_code(tmp_path):
 
 def test_a_task_file_is_read_once_per_process_until_it_changes(jsonl_path, monkeypatch):
     """Nodes of one process share a task file's rows; a file changed on disk is read again."""
-    import sapod.tasks as tasks_mod
+    import sapod.taskfile as tasks_mod
 
     reads = []
     real = tasks_mod._load_rows

@@ -1,0 +1,120 @@
+"""What every task source shares: the TaskSource protocol, the limits on what a peer may
+claim, and the checks that turn a bad claim into Rejected and nothing else.
+
+Torch-free; reasoning_gym is imported only where an answer is extracted or the system
+prompt is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from typing import Any, Protocol, runtime_checkable
+
+from sapod.errors import Rejected
+from sapod.types import TaskItem
+
+MAX_SEED = 2**63 - 1
+# The regex in extract_answer is quadratic on many unclosed tags; a peer can post any text.
+MAX_COMPLETION_CHARS = 200_000
+
+
+@runtime_checkable
+class TaskSource(Protocol):
+    name: str
+    system_prompt: str
+
+    def sample(self, n: int, seed: int) -> list[TaskItem]:
+        """n items, the same for the same (n, seed)."""
+
+    def check(self, task: str, seed: int, index: int, question: str, answer: str | None) -> TaskItem:
+        """The authoritative item for a peer's claim, or Rejected."""
+
+    def score(self, item: TaskItem, completion: str) -> float:
+        """Reward in [0, 1]; never raises."""
+
+
+def jsonable(obj: Any, _depth: int = 0) -> Any:
+    """A JSON-safe copy: tuples become lists, sets sorted lists, non-finite floats None."""
+    if _depth > 64:  # cycles or absurd nesting: give up on structure, keep a trace
+        return str(obj)
+    if obj is None or type(obj) in (bool, str):
+        return obj
+    if isinstance(obj, int):  # bool cannot be subclassed, so this is int or an int subclass
+        return int(obj) if obj.bit_length() < 10_000 else f"<int of {obj.bit_length()} bits>"
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, dict):
+        return {(k if type(k) is str else str(k)): jsonable(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, _depth + 1) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        items = [jsonable(v, _depth + 1) for v in obj]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    tolist = getattr(obj, "tolist", None)  # numpy scalars and arrays
+    if callable(tolist) and type(obj).__module__ == "numpy":
+        try:
+            return jsonable(tolist(), _depth + 1)
+        except Exception:
+            pass
+    try:
+        return str(obj)
+    except Exception:
+        return f"<{type(obj).__name__}>"
+
+
+def clamp_reward(value: Any) -> float:
+    try:
+        r = float(value)
+    except Exception:
+        return 0.0
+    return min(1.0, max(0.0, r)) if math.isfinite(r) else 0.0
+
+
+def extract_answer(completion: Any) -> str | None:
+    if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
+        return None
+    from reasoning_gym.utils import extract_answer as rg_extract
+
+    return rg_extract(completion)
+
+
+def check_ints(seed: Any, index: Any, max_index: int) -> None:
+    if type(seed) is not int or type(index) is not int:
+        raise Rejected("seed and index must be integers")
+    if not 0 <= seed <= MAX_SEED:
+        raise Rejected(f"seed out of range 0..{MAX_SEED}")
+    if not 0 <= index <= max_index:
+        raise Rejected(f"index out of range 0..{max_index}")
+
+
+@contextlib.contextmanager
+def only_rejections() -> Any:
+    """A check of peer data raises Rejected and nothing else."""
+    try:
+        yield
+    except Rejected:
+        raise
+    except Exception as e:
+        raise Rejected(f"check failed: {type(e).__name__}") from None
+
+
+def same_claim(item: TaskItem, question: Any, answer: Any, source: str) -> TaskItem:
+    if item.question != question:
+        raise Rejected(f"question differs from {source}")
+    if item.answer != answer:
+        raise Rejected(f"answer differs from {source}")
+    return item
+
+
+def default_system_prompt() -> str:
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+
+    return SYSTEM_PROMPTS["default"]
+
+
+def answer_text(value: Any) -> str | None:
+    return None if value is None else str(value)
