@@ -8,8 +8,8 @@ which includes start-up, is left out) p50 / p95, rounds per second, and the
 shared-folder operations per node-round (files written, JSONL appends, reads,
 listings: each costs an API call on Drive). Prints a table, then one JSON line.
 
-All nodes share one event loop, one executor thread and the machine's cores, so a
-round's time here is roughly N times one node's cost; on a real swarm each node has
+All nodes share one event loop, one GPU thread, four publish threads and the
+machine's cores, so a round's time here is roughly N times one node's cost; on a real swarm each node has
 its own. Reads and listings are counted as each node would make them alone: nodes
 in one process share parsed peer files and, with inotify, folder listings
 ("reads_in_process" and "listings_in_process" in the JSON).
