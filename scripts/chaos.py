@@ -96,6 +96,7 @@ class Harness:
         self.clean_coordinator = False
         self.injected = 0  # rotation faults injected so far: the next one is ROTATION[injected % n]
         self.next_fault_round = 2
+        self.next_hostile_round = 3
         self.dead_started = False
         self.busy: set[str] = set()  # node ids with a fault in progress
 
@@ -242,17 +243,31 @@ class Harness:
         return "16 MiB tmpfs + failpoints"
 
     def hostile(self, maker: PayloadMaker, r: int, payloads: list) -> None:
+        """Batches of hostile files, one per round, written a few rounds ahead of the open one:
+        every reader must still be before its gather when they land (in lag mode they also
+        need time to reach the other replicas)."""
         real = [f"w{i + 1}" for i in range(self.args.workers)]
-        # Some rounds take tens of milliseconds, so files go a few rounds ahead of the open
-        # one: every reader must still be before its gather when they land (in lag mode
-        # they also need time to reach the other replicas).
-        ahead = 3
-        if r + ahead >= self.args.rounds:
+        # The round is read again here: a fault injected just before may have taken a while.
+        fresh = self.state()
+        now = max(r, fresh.round if fresh is not None else r)
+        # Every round from the third on that has no batch yet and lies 3 to 5 ahead gets one:
+        # the harness may not see every round open, but rarely misses three in a row.
+        targets = range(max(self.next_hostile_round, now + 3), min(now + 6, self.args.rounds))
+        if not targets:
             return
+        self.next_hostile_round = targets[-1] + 1
         # Into a running worker's view: links and folders do not replicate, and workers read rollouts.
         readers = [w.node_id for w in self.running("worker") if w.node_id != self.notes.get("dead")]
         node = self.rng.choice(readers or real)
-        payloads += maker.batch(self.root(node), r + ahead, real, self.args.payloads_per_round)
+        batch = [(t, p) for t in targets for p in maker.batch(self.root(node), t, real, self.args.payloads_per_round)]
+        # Rounds of a few milliseconds can still outrun the harness. A worker starts a round only
+        # after the coordinator's state names it, so if that state is still before a target
+        # now, every reader lists the folder after its files are in place; otherwise they may
+        # have landed after the readers were done, and no rejection can be demanded of them.
+        after = self.state() or self.state()  # one more look if a takeover was mid-write
+        for t, p in batch:
+            p.landed_late = after is None or after.round >= t
+            payloads.append(p)
 
     # -- the run --------------------------------------------------------------------
     def state(self) -> Any:

@@ -27,6 +27,7 @@ class Payload:
     path: Path  # where it was written
     key: str  # the fake node id a rejection names, or the file name an "ignored" line names
     examined_only_if_sampled: bool = False  # forged items are checked when the sampler reaches them
+    landed_late: bool = False  # the round had opened before the file was in place: no node need read it
 
 
 class PayloadMaker:
