@@ -1,8 +1,8 @@
 """The coordinator: opens rounds and advances them. Light, no GPU, never imports torch.
 
-A round advances when every live worker has submitted for it, or when
-ROUND_TIMEOUT has passed (on this node's monotonic clock) with at least one
-submission. Each start takes the next epoch; a coordinator that sees a higher
+A round advances when every live worker (at least one) has submitted for it,
+or when ROUND_TIMEOUT has passed (on this node's monotonic clock) with at least
+one submission. Each start takes the next epoch; a coordinator that sees a higher
 epoch than its own steps down (Displaced, exit 4).
 """
 

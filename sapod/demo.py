@@ -127,17 +127,28 @@ async def _run_swarm(base: Config, n_workers: int, on_poll: Callable[[], None] |
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    nodes = [Coordinator(base.with_(role="coordinator", node_id="coordinator"), stop=stop)]
-    nodes += [Worker(base.with_(role="worker", node_id=w), stop=stop) for w in worker_ids(n_workers)]
-    tasks = [asyncio.create_task(n.run(), name=n.node_id) for n in nodes]
+    coordinator = Coordinator(base.with_(role="coordinator", node_id="coordinator"), stop=stop)
+    workers = [Worker(base.with_(role="worker", node_id=w), stop=stop) for w in worker_ids(n_workers)]
 
     def stop_if_failed(task: asyncio.Task[Any]) -> None:
         # Without this a swarm whose workers all failed to start would wait for them forever.
         if not task.cancelled() and task.exception() is not None:
             stop.set()
 
-    for task in tasks:
+    def start(node: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(node.run(), name=node.node_id)
         task.add_done_callback(stop_if_failed)
+        return task
+
+    # The coordinator starts once every worker has registered (or ended): resuming a run
+    # stopped mid-round, it must count a worker that still owes the open round among the
+    # live ones before it decides that every live worker has submitted.
+    worker_tasks = [start(w) for w in workers]
+    for w, task in zip(workers, worker_tasks):
+        registered = asyncio.ensure_future(w.registered.wait())
+        await asyncio.wait({registered, task}, return_when=asyncio.FIRST_COMPLETED)
+        registered.cancel()
+    tasks = [start(coordinator), *worker_tasks]
     ended = asyncio.Event()
 
     async def report() -> None:

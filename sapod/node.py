@@ -58,6 +58,7 @@ class Node:
         self.watch_mode = "poll"
         self._hb_task: asyncio.Task[None] | None = None
         self._hb_lock = asyncio.Lock()
+        self.registered = asyncio.Event()  # set once the peer file is written at startup
         self._displaced: Displaced | None = None
         self.notifier = Notifier(cfg.notify_socket)
         self.records = RecordBuffer()
@@ -111,6 +112,7 @@ class Node:
                     raise StartupError(f"shared folder {self.cfg.shared} is not usable: {exc}") from None
                 await self.io_trouble(exc, "register")
         self.io_ok()
+        self.registered.set()
         self.watcher = Watcher(self.watch_mode, asyncio.get_running_loop())
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:

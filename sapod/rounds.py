@@ -7,7 +7,10 @@ Rules:
 - a rejected file is reported once per reason (it is re-offered on every rescan,
   because on a syncing mount a torn file may still become whole);
 - a round closes when every live worker has a counted submission, or when
-  ROUND_TIMEOUT has passed with at least one; an empty round never closes.
+  ROUND_TIMEOUT has passed with at least one; an empty round never closes, and
+  neither does one with no live worker before the timeout (a swarm restarted
+  mid-round: the submissions left from before the stop are not "every worker"
+  while the workers that owe theirs are still starting).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class RoundBook:
         """Why the round may close now (ALL_SUBMITTED or TIMED_OUT), or None to keep waiting."""
         if not self.accepted:
             return None
-        if live <= self.accepted.keys():
+        if live and live <= self.accepted.keys():
             return ALL_SUBMITTED
         if elapsed >= timeout:
             return TIMED_OUT

@@ -242,7 +242,7 @@ class SwarmRounds(RuleBasedStateMachine):
             got = self.book.decide(set(self.live), elapsed, TIMEOUT)
             if not acc:
                 assert got is None  # an empty round never closes
-            elif self.live <= acc:
+            elif self.live and self.live <= acc:
                 assert got == ALL_SUBMITTED
             elif elapsed >= TIMEOUT:
                 assert got == TIMED_OUT

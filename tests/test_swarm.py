@@ -344,3 +344,70 @@ def test_coordinator_puts_its_state_back_over_an_older_one(make_cfg):
             await asyncio.wait_for(t, 10)
 
     asyncio.run(go())
+
+
+def _stopped_mid_round(root, round_: int, behind: str) -> None:
+    """Make a finished run look stopped in ``round_`` after every worker but ``behind`` had
+    submitted it: ``behind`` has neither its submission, its metrics row nor its checkpoint
+    for the round, there is no tally, and the state is open at the round."""
+    import shutil
+
+    paths.reward_file(root, round_, 0, behind).unlink()
+    paths.tally_file(root, round_, 0).unlink()
+    shutil.rmtree(paths.checkpoint_dir(root, round_, behind))
+    metrics = paths.metrics_file(root, behind)
+    kept = [r for r in read_rows(metrics) if r["round"] != round_]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    done = schema.parse_state(read_json(paths.state_file(root)))
+    opened = schema.State(round_, 0, done.epoch, done.seq + 1, "open", time.time(), done.coordinator, done.instance)
+    atomic_write_json(paths.state_file(root), schema.state_doc(opened))
+
+
+@pytest.mark.parametrize("io", ["inline", "threads"])
+@pytest.mark.parametrize("behind", ["worker-1", "worker-2"])
+def test_a_swarm_restarted_mid_round_does_not_close_it_before_its_workers_are_back(make_cfg, monkeypatch,
+                                                                                   behind, io):
+    """The whole swarm stopped in a round that one worker had not submitted yet. On the rerun
+    the coordinator finds the others' submissions but no live worker; it must not close the
+    round before the worker that owes it is back, or that worker skips it for good. That
+    worker is also the slowest to start, and with file work in threads (as on a network
+    folder) the nodes' startups interleave."""
+    from sapod import node
+    from sapod.demo import run_swarm
+
+    monkeypatch.setattr(node, "is_remote", lambda fstype: io == "threads")
+    real_yield = node.Node._yield_to_live_owner
+
+    async def slow_to_start(self):  # a mount that answers the worker that owes the round slowly
+        if self.node_id == behind:
+            await asyncio.sleep(0.5)
+        await real_yield(self)
+
+    monkeypatch.setattr(node.Node, "_yield_to_live_owner", slow_to_start)
+    base = make_cfg(max_rounds=2, checkpoint_interval=1)
+    assert run_swarm(base, 2) == 0
+    root = base.root
+    _stopped_mid_round(root, 1, behind)  # the last round
+    assert run_swarm(base, 2) == 0
+    assert StateReader(root).read().status == "finished"
+    for w in ("worker-1", "worker-2"):
+        assert sorted(r["round"] for r in read_rows(paths.metrics_file(root, w))) == [0, 1], w
+    tally = read_json(paths.tally_file(root, 1, 0))
+    assert set(tally["counted"]) == {"worker-1", "worker-2"}
+
+
+def test_a_coordinator_alone_waits_for_a_worker_before_closing_a_round_on_leftovers(make_cfg):
+    """Restarted alone mid-round, with one worker's submission left from before the stop and
+    no worker live, the coordinator does not call that "every live worker submitted": the
+    round stays open until a worker is back or ROUND_TIMEOUT closes it."""
+    from sapod.demo import run_swarm
+
+    base = make_cfg(max_rounds=2, checkpoint_interval=1, round_timeout=1.5)
+    assert run_swarm(base, 2) == 0
+    root = base.root
+    _stopped_mid_round(root, 1, "worker-1")
+    t0 = time.monotonic()
+    assert run_nodes(Coordinator(base.with_(role="coordinator", node_id="coordinator"))) == [None]
+    assert time.monotonic() - t0 >= 1.5
+    tally = read_json(paths.tally_file(root, 1, 0))
+    assert tally["reason"] == "timeout" and set(tally["counted"]) == {"worker-2"}
