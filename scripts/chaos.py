@@ -242,23 +242,27 @@ class Harness:
         self.mounted = target
         return "16 MiB tmpfs + failpoints"
 
-    def hostile(self, maker: PayloadMaker, r: int, payloads: list) -> None:
+    def hostile(self, maker: PayloadMaker, r: int, payloads: list, until: int) -> None:
         """Batches of hostile files, one per round, written a few rounds ahead of the open one:
         every reader must still be before its gather when they land (in lag mode they also
         need time to reach the other replicas)."""
         real = [f"w{i + 1}" for i in range(self.args.workers)]
+        # Into a running worker's view (links and folders do not replicate, and workers read
+        # rollouts), one with no fault in progress where there is one.
+        running = [w.node_id for w in self.running("worker") if w.node_id != self.notes.get("dead")]
+        readers = [n for n in running if n not in self.busy] or running
+        if not readers:
+            return
         # The round is read again here: a fault injected just before may have taken a while.
         fresh = self.state()
         now = max(r, fresh.round if fresh is not None else r)
         # Every round from the third on that has no batch yet and lies 3 to 5 ahead gets one:
         # the harness may not see every round open, but rarely misses three in a row.
-        targets = range(max(self.next_hostile_round, now + 3), min(now + 6, self.args.rounds))
+        targets = range(max(self.next_hostile_round, now + 3), min(now + 6, until, self.args.rounds))
         if not targets:
             return
         self.next_hostile_round = targets[-1] + 1
-        # Into a running worker's view: links and folders do not replicate, and workers read rollouts.
-        readers = [w.node_id for w in self.running("worker") if w.node_id != self.notes.get("dead")]
-        node = self.rng.choice(readers or real)
+        node = self.rng.choice(readers)
         batch = [(t, p) for t in targets for p in maker.batch(self.root(node), t, real, self.args.payloads_per_round)]
         # Rounds of a few milliseconds can still outrun the harness. A worker starts a round only
         # after the coordinator's state names it, so if that state is still before a target
@@ -339,7 +343,9 @@ class Harness:
                 self.injected += 1
                 self.next_fault_round = r + self.args.every
         if "hostile" in self.faults:
-            self.hostile(maker, r, payloads)
+            # Nothing for the dead phase's rounds before its victim is known: files that only
+            # the victim's view holds (links, folders) would never be read.
+            self.hostile(maker, r, payloads, self.args.rounds if self.dead_started else dead_from)
 
     def start_dead_phase(self) -> None:
         """One worker dies for good; the coordinator restarts without injected errors, so
