@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -22,7 +23,7 @@ from sapod.peers import PeerTable
 from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
-from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_files, read_json
+from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_files, read_each, read_json
 
 
 class Coordinator(Node):
@@ -32,7 +33,7 @@ class Coordinator(Node):
         await self.set_phase("register")
         settings = await self.steady("experiment", self._ensure_experiment)
         self.reader = StateReader(self.root, trust_stat=self.inline_io)
-        self.table = PeerTable.shared(self.root, self.cfg.peer_timeout)
+        self.table = PeerTable.shared(self.root, self.cfg.peer_timeout, concurrent=not self.inline_io)
         state = await self.steady("takeover", self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
         book = RoundBook(state.round, state.stage)
@@ -152,13 +153,16 @@ class Coordinator(Node):
 
     def _collect(self, book: RoundBook) -> None:
         folder = paths.rewards_dir(self.root, book.round, book.stage)
-        for node_id, path in list_node_files(folder).items():
-            if book.counted(node_id):
-                continue
+        waiting = [(n, p) for n, p in list_node_files(folder).items() if not book.counted(n)]
+
+        def fetch(item: tuple[str, Path]) -> dict[str, Any] | Rejected | None:
             try:
-                doc: dict[str, Any] | Rejected | None = read_json(path, ROLLOUT_FILE_MAX)
+                return read_json(item[1], ROLLOUT_FILE_MAX)
             except Rejected as exc:
-                doc = exc
+                return exc
+
+        # Several at a time on a network mount: submissions land together at a round's end.
+        for (node_id, _), doc in zip(waiting, read_each(fetch, waiting, not self.inline_io)):
             reason = book.offer(node_id, doc)
             if reason is not None:
                 self.log.warning("submission_rejected", peer=node_id, reason=reason)

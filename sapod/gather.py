@@ -20,7 +20,8 @@ from sapod.errors import Rejected
 from sapod.logs import get_logger
 from sapod.sampling import select_external
 from sapod.schema import ROLLOUTS, ClaimedItem, Rollouts, envelope, parse_rollouts
-from sapod.store import IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_json, read_json_sized
+from sapod.store import (IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_each, read_json,
+                         read_json_sized)
 from sapod.taskbase import TaskSource
 from sapod.types import Group, TaskItem
 from sapod.watch import folder_version
@@ -64,15 +65,19 @@ def peer_files(directory: Path) -> dict[str, tuple[str, int]]:
     return entries
 
 
-def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: GatherResult) -> None:
-    """Add every newly visible, well-formed peer file to ``result`` (files are write-once)."""
+def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: GatherResult,
+                       concurrent: bool = False) -> None:
+    """Add every newly visible, well-formed peer file to ``result`` (files are write-once).
+    ``concurrent``: read the new files several at a time (a network mount)."""
     entries = peer_files(paths.rollouts_dir(root, round_, stage))
     log = get_logger()
     # Set arithmetic, not a loop over the listing: a node wakes several times a round.
-    for node_id in sorted(entries.keys() - result.rollouts.keys() - {me}):
+    new = sorted(entries.keys() - result.rollouts.keys() - {me})
+
+    def fetch(node_id: str) -> Rollouts | Rejected | None:
         path, inode = entries[node_id]
 
-        def load(p: str, node_id: str = node_id) -> tuple[Any, int]:
+        def load(p: str) -> tuple[Any, int]:
             try:
                 doc, size = read_json_sized(p, ROLLOUT_FILE_MAX)
                 return (None if doc is None else parse_rollouts(doc, node_id, round_, stage)), size
@@ -80,16 +85,21 @@ def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
                 return exc, 256
 
         try:
-            rollouts = _ROLLOUTS_CACHE.get(path, inode, load)
-            if rollouts is None:
-                continue
-            result.rollouts[node_id] = rollouts
-            result.rejected.pop(node_id, None)
+            return _ROLLOUTS_CACHE.get(path, inode, load)
         except Rejected as exc:
+            return exc
+
+    for node_id, got in zip(new, read_each(fetch, new, concurrent)):
+        if got is None:
+            continue
+        if isinstance(got, Rejected):
             # Kept as "not there yet": a file that is still syncing may parse later.
-            if result.rejected.get(node_id) != exc.reason:
-                log.warning("rollouts_rejected", peer=node_id, reason=exc.reason)
-            result.rejected[node_id] = exc.reason
+            if result.rejected.get(node_id) != got.reason:
+                log.warning("rollouts_rejected", peer=node_id, reason=got.reason)
+            result.rejected[node_id] = got.reason
+            continue
+        result.rollouts[node_id] = got
+        result.rejected.pop(node_id, None)
 
 
 def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random.Random,

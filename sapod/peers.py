@@ -19,7 +19,7 @@ from sapod import paths
 from sapod.errors import Rejected
 from sapod.logs import get_logger
 from sapod.schema import Peer, parse_peer
-from sapod.store import list_node_files, read_json
+from sapod.store import list_node_files, read_each, read_json
 
 GONE = ("stopped", "finished")
 
@@ -35,7 +35,7 @@ class PeerTable:
     _shared_lock = threading.Lock()
 
     @classmethod
-    def shared(cls, root: Path, timeout: float) -> PeerTable:
+    def shared(cls, root: Path, timeout: float, concurrent: bool = False) -> PeerTable:
         """One table per (folder, timeout) for all the nodes of a process.
 
         Every node needs the same view of peers/, judged on the same clock; with N
@@ -45,13 +45,15 @@ class PeerTable:
         with cls._shared_lock:
             table = cls._shared.get(key)
             if table is None:
-                table = cls._shared[key] = cls(root, timeout)
+                table = cls._shared[key] = cls(root, timeout, concurrent=concurrent)
             return table
 
-    def __init__(self, root: Path, timeout: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, root: Path, timeout: float, clock: Callable[[], float] = time.monotonic,
+                 concurrent: bool = False):
         self.root = root
         self.timeout = timeout
         self.clock = clock
+        self.concurrent = concurrent  # read the heartbeats several at a time (a network mount)
         self._seen: dict[str, _Seen] = {}
         self._rejected: dict[str, str] = {}
         self._log = get_logger()
@@ -76,16 +78,22 @@ class PeerTable:
         if self._refreshed_at is not None and now - self._refreshed_at < max_age:
             return
         self._refreshed_at = now
-        for node_id, path in list_node_files(paths.peers_dir(self.root)).items():
+        files = list(list_node_files(paths.peers_dir(self.root)).items())
+
+        def fetch(item: tuple[str, Path]) -> Peer | Rejected | None:
             try:
-                doc = read_json(path)
-                if doc is None:
-                    continue
-                peer = parse_peer(doc, node_id)
+                doc = read_json(item[1])
+                return None if doc is None else parse_peer(doc, item[0])
             except Rejected as exc:
-                if self._rejected.get(node_id) != exc.reason:  # log each new reason once
-                    self._rejected[node_id] = exc.reason
-                    self._log.warning("peer_file_rejected", peer=node_id, reason=exc.reason)
+                return exc
+
+        for (node_id, _), peer in zip(files, read_each(fetch, files, self.concurrent)):
+            if peer is None:
+                continue
+            if isinstance(peer, Rejected):
+                if self._rejected.get(node_id) != peer.reason:  # log each new reason once
+                    self._rejected[node_id] = peer.reason
+                    self._log.warning("peer_file_rejected", peer=node_id, reason=peer.reason)
                 continue
             self._rejected.pop(node_id, None)
             seen = self._seen.get(node_id)

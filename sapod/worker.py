@@ -78,7 +78,7 @@ class Worker(Node):
             raise StartupError(f"TASKS={self.cfg.tasks!r}: {exc}") from None
         await self._resume()
         self.reader = StateReader(self.root, trust_stat=self.inline_io)
-        self.table = PeerTable.shared(self.root, self.cfg.peer_timeout)
+        self.table = PeerTable.shared(self.root, self.cfg.peer_timeout, concurrent=not self.inline_io)
         await self.progress("started", model=self.cfg.model, resumed_round=self.last_round)
         try:
             while not self.stop.is_set():
@@ -297,7 +297,7 @@ class Worker(Node):
         while True:
             await self.io(self.table.refresh, self.peer_refresh_age)
             had = len(result.rollouts)
-            await self.io(read_peer_rollouts, self.root, r, s, self.node_id, result)
+            await self.io(read_peer_rollouts, self.root, r, s, self.node_id, result, not self.inline_io)
             if len(result.rollouts) > had:
                 self.poll_soon()  # peers are publishing: the rest are likely close behind
             waiting = self.table.live("worker") - {self.node_id} - set(result.rollouts)

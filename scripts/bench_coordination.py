@@ -16,14 +16,20 @@ in one process share parsed peer files and, with inotify, folder listings
 ``--processes P`` deals the workers out to P child processes and leaves the
 coordinator alone in this one, for machines with cores to spare.
 
+``--read-latency MS`` models a network mount (Drive, NFS): every file read waits MS
+milliseconds first, and the nodes treat the folder as remote (file work in threads,
+several reads in flight, ``--read-concurrency`` of them; 1 reads one file at a time).
+
     python scripts/bench_coordination.py --nodes 2,8,32,128 --rounds 30
     python scripts/bench_coordination.py --nodes 8,128 --modes inotify --processes 1,2
+    python scripts/bench_coordination.py --nodes 8,32 --modes poll --read-latency 100 --read-concurrency 1,8
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import random
@@ -35,13 +41,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sapod import paths
+from sapod import node, paths, store
 from sapod.config import Config, build_config
 from sapod.coordinator import Coordinator
 from sapod.daemon import run_loop
 from sapod.logs import configure_logging
 from sapod.progress import read_jsonl
-from sapod.store import IO
+from sapod.store import IO, READ_CONCURRENCY
 from sapod.worker import Worker
 
 
@@ -58,6 +64,30 @@ class Run:
     mode: str
     poll: float
     tasks: str = ""  # TASKS: "" for the nine default reasoning-gym tasks, a mix, or a task file
+    read_latency: float = 0.0  # seconds each file read waits first (a network mount's round trip)
+    read_concurrency: int = READ_CONCURRENCY
+
+
+@contextlib.contextmanager
+def mount_model(run: Run):
+    """With a read latency: every file read waits it out first, and nodes see a remote
+    folder (file work in threads, reads several at a time). Otherwise nothing changes."""
+    if run.read_latency <= 0:
+        yield
+        return
+    real_read, real_remote = store._read_at_most, node.is_remote
+
+    def slow_read(fd: int, limit: int, size_hint: int) -> bytes:
+        time.sleep(run.read_latency)
+        return real_read(fd, limit, size_hint)
+
+    store._read_at_most, node.is_remote = slow_read, lambda fstype: True
+    store.set_read_concurrency(run.read_concurrency)
+    try:
+        yield
+    finally:
+        store._read_at_most, node.is_remote = real_read, real_remote
+        store.set_read_concurrency(READ_CONCURRENCY)
 
 
 def node_config(shared: Path, role: str, node_id: str, run: Run) -> Config:
@@ -85,7 +115,8 @@ def run_workers(shared: str, ids: list[str], run: Run, counts: str) -> None:
     """A child process's share of the workers; its operation counts go to ``counts``."""
     configure_logging("json", "warning", stream=sys.stderr)
     IO.clear()
-    run_loop(run_nodes([Worker(node_config(Path(shared), "worker", i, run)) for i in ids]))
+    with mount_model(run):
+        run_loop(run_nodes([Worker(node_config(Path(shared), "worker", i, run)) for i in ids]))
     Path(counts).write_text(json.dumps(dict(IO)))
 
 
@@ -95,7 +126,8 @@ def run_swarm(shared: Path, n: int, run: Run, processes: int = 1) -> tuple[float
     IO.clear()
     coord = Coordinator(node_config(shared, "coordinator", "coord", run))
     if processes <= 1:
-        wall = run_loop(run_nodes([coord] + [Worker(node_config(shared, "worker", i, run)) for i in worker_ids(n)]))
+        with mount_model(run):
+            wall = run_loop(run_nodes([coord] + [Worker(node_config(shared, "worker", i, run)) for i in worker_ids(n)]))
         return wall, dict(IO)
     ctx = multiprocessing.get_context("spawn")
     shares = [worker_ids(n)[k::processes] for k in range(processes)]
@@ -105,7 +137,8 @@ def run_swarm(shared: Path, n: int, run: Run, processes: int = 1) -> tuple[float
     for c in children:
         c.start()
     try:
-        wall = run_loop(run_nodes([coord]))
+        with mount_model(run):
+            wall = run_loop(run_nodes([coord]))
     finally:
         for c in children:
             c.join()
@@ -131,6 +164,7 @@ def bench(n: int, run: Run, where: str | None = None, processes: int = 1) -> dic
     return {
         "mode": run.mode, "nodes": n, "rounds": run.rounds, "poll_interval": run.poll, "tasks": run.tasks or "default",
         "folder": where or tempfile.gettempdir(), "processes": processes,
+        "read_latency_ms": 1000 * run.read_latency, "read_concurrency": run.read_concurrency,
         "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
         "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
         # Nodes sharing this process read each peer file once between them (a process-wide
@@ -173,6 +207,11 @@ def main() -> int:
                                                      "subset, a task file, or 'file': a generated file of sums, "
                                                      "whose items cost next to nothing to make and check, which "
                                                      "leaves the protocol's own cost [default]")
+    ap.add_argument("--read-latency", type=float, default=0.0, help="milliseconds every file read waits first, "
+                                                                      "on a folder the nodes treat as remote: a "
+                                                                      "model of a network mount [0: off]")
+    ap.add_argument("--read-concurrency", default=str(READ_CONCURRENCY),
+                    help=f"comma-separated counts of reads in flight at once on a remote folder [{READ_CONCURRENCY}]")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     args = ap.parse_args()
     tasks = ["" if t.strip() == "default" else t for t in (args.tasks or ["default"])]
@@ -180,17 +219,21 @@ def main() -> int:
         tasks = [sums_file() if t == "file" else t for t in tasks]
     configure_logging("json", "warning", stream=sys.stderr)
     results = []
-    print(f"{'tasks':<12}{'mode':<8}{'procs':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
+    latency = args.read_latency / 1000
+    print(f"{'tasks':<12}{'mode':<8}{'procs':>6}{'reads':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
           f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
-    for task, mode, procs, n in ((t, m, int(k), int(x)) for t in tasks for m in args.modes.split(",")
-                                 for k in args.processes.split(",") for x in args.nodes.split(",")):
-        r = bench(n, Run(args.rounds, mode, args.poll_interval, task), args.dir, procs)
+    for task, mode, procs, conc, n in ((t, m, int(k), int(c), int(x)) for t in tasks for m in args.modes.split(",")
+                                       for k in args.processes.split(",")
+                                       for c in (args.read_concurrency.split(",") if latency else ["1"])
+                                       for x in args.nodes.split(",")):
+        r = bench(n, Run(args.rounds, mode, args.poll_interval, task, latency, conc), args.dir, procs)
         results.append(r)
         p = r["per_node_round"]
         label = "file" if r["tasks"].endswith(".jsonl") else r["tasks"][:11]
-        print(f"{label:<12}{mode:<8}{procs:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}{r['overhead_p95_ms']:>9.1f}"
-              f"{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}{p['reads']:>8.1f}"
-              f"{p['listings']:>8.1f}", flush=True)
+        at_once = f"{conc}x" if latency else "local"
+        print(f"{label:<12}{mode:<8}{procs:>6}{at_once:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}"
+              f"{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}"
+              f"{p['reads']:>8.1f}{p['listings']:>8.1f}", flush=True)
     out = {"benchmark": "coordination", "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -726,15 +726,16 @@ PEER_STEP = st.tuples(
 
 
 @FILES
-@given(st.lists(PEER_STEP, max_size=25))
-def test_peer_liveness_follows_the_beat_on_our_clock(steps):
+@given(st.lists(PEER_STEP, max_size=25), st.booleans())
+def test_peer_liveness_follows_the_beat_on_our_clock(steps, concurrent):
     """Alive iff its (instance, beat) changed less than PEER_TIMEOUT ago on the reader's clock and
     it has not said it is gone: a beating peer is alive, a stuck one dead, whatever its wall-clock
-    fields say; garbage, torn, foreign or deleted files never raise and change nothing."""
+    fields say; garbage, torn, foreign or deleted files never raise and change nothing. The same
+    whether the heartbeats are read one at a time or several at once (a network mount)."""
     timeout = 1.0
     with scratch() as root:
         now = [0.0]
-        table = PeerTable(root, timeout, clock=lambda: now[0])
+        table = PeerTable(root, timeout, clock=lambda: now[0], concurrent=concurrent)
         last: dict[str, tuple[str, int, str]] = {}  # last valid (instance, beat, status) each peer wrote
         valid_now: set[str] = set()  # peers whose file on disk is valid right now
         observed: dict[str, tuple[str, int, str, float]] = {}  # model: what the table saw, and when it moved
@@ -1086,7 +1087,9 @@ def rollout_folders(draw: Any) -> dict[str, bytes | str]:
 def test_read_peer_rollouts_over_hostile_files(files, data):
     """Every peer file is either taken (equal to what parse_rollouts makes of it) or recorded as
     rejected with its reason; our own file and stray names are skipped; nothing raises. A file
-    that becomes whole later is taken then."""
+    that becomes whole later is taken then. The same whether the files are read one at a time
+    or several at once (as on a network mount)."""
+    concurrent = data.draw(st.booleans(), label="concurrent")
     with scratch() as root:
         folder = paths.rollouts_dir(root, ROUND, STAGE)
         folder.mkdir(parents=True)
@@ -1103,8 +1106,8 @@ def test_read_peer_rollouts_over_hostile_files(files, data):
                 pass
         listed = set(store.list_node_files(folder)) - {ME}
         result = GatherResult()
-        read_peer_rollouts(root, ROUND, STAGE, ME, result)
-        read_peer_rollouts(root, ROUND, STAGE, ME, result)  # a rescan (cached files) changes nothing
+        read_peer_rollouts(root, ROUND, STAGE, ME, result, concurrent)
+        read_peer_rollouts(root, ROUND, STAGE, ME, result, concurrent)  # a rescan (cached files) changes nothing
         assert not result.rollouts.keys() & result.rejected.keys()
         assert result.rollouts.keys() | result.rejected.keys() == listed
         for node in listed:
@@ -1121,7 +1124,7 @@ def test_read_peer_rollouts_over_hostile_files(files, data):
             c = data.draw(valid_rollouts(node, ROUND, STAGE))
             store.atomic_write_json(folder / f"{node}.json", c.doc, durable=False)
             fixed[node] = c.expect
-        read_peer_rollouts(root, ROUND, STAGE, ME, result)
+        read_peer_rollouts(root, ROUND, STAGE, ME, result, concurrent)
         assert result.rejected == {}
         for node, want in fixed.items():
             assert result.rollouts[node] == want

@@ -98,3 +98,19 @@ def test_bench_coordination_compares_task_sets(tmp_path):
     assert all(r["per_node_round"]["files_written"] >= 2 for r in results)
     table = proc.stdout.splitlines()
     assert any(line.startswith("default ") for line in table) and any(line.startswith("file ") for line in table)
+
+
+def test_bench_coordination_models_a_network_mount(tmp_path):
+    """--read-latency makes every file read wait first and the nodes treat the folder as remote;
+    --read-concurrency 1,4 runs the same swarm reading one file at a time and four at once."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_coordination.py"), "--nodes", "3", "--rounds", "3",
+                           "--modes", "poll", "--poll-interval", "0.2", "--tasks", "file", "--read-latency", "20",
+                           "--read-concurrency", "1,4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["read_latency_ms"], r["read_concurrency"]) for r in results] == [(20.0, 1), (20.0, 4)]
+    # a round cannot close before the coordinator has read a submission, which now waits 20 ms
+    assert all(r["overhead_p50_ms"] >= 20 for r in results)
+    assert all(line.split()[3] in ("1x", "4x") for line in proc.stdout.splitlines()[1:3])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
 from sapod import paths
 from sapod.errors import Rejected
-from sapod.store import atomic_write_json, list_node_files, read_json, valid_node_id
+from sapod.store import READ_CONCURRENCY, atomic_write_json, list_node_files, read_each, read_json, valid_node_id
 
 
 def test_paths_follow_the_contract(tmp_path):
@@ -178,3 +179,27 @@ def test_reads_take_the_whole_file_whatever_its_size_said(tmp_path):
         assert _read_at_most(fd, 70_001, size_hint=0) == blob[:70_001]
     finally:
         os.close(fd)
+
+
+def test_read_each_reads_several_at_once_in_order_or_one_by_one_here():
+    """Concurrent: READ_CONCURRENCY calls are in flight together (the barrier opens only
+    then), results come back in order and the first error is raised. Otherwise every call
+    runs in the calling thread, one after another."""
+    barrier = threading.Barrier(READ_CONCURRENCY, timeout=30)
+
+    def together(x: int) -> int:
+        barrier.wait()
+        return 2 * x
+
+    items = list(range(2 * READ_CONCURRENCY))
+    assert read_each(together, items, concurrent=True) == [2 * x for x in items]
+
+    def failing(x: int) -> int:
+        if x == 3:
+            raise OSError(5, "Input/output error")
+        return x
+
+    with pytest.raises(OSError):
+        read_each(failing, items, concurrent=True)
+    here = threading.current_thread()
+    assert read_each(lambda x: threading.current_thread() is here, items, concurrent=False) == [True] * len(items)
