@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -154,15 +153,9 @@ class Coordinator(Node):
     def _collect(self, book: RoundBook) -> None:
         folder = paths.rewards_dir(self.root, book.round, book.stage)
         waiting = [(n, p) for n, p in list_node_files(folder).items() if not book.counted(n)]
-
-        def fetch(item: tuple[str, Path]) -> dict[str, Any] | Rejected | None:
-            try:
-                return read_json(item[1], ROLLOUT_FILE_MAX)
-            except Rejected as exc:
-                return exc
-
+        docs = read_each(lambda item: read_json(item[1], ROLLOUT_FILE_MAX), waiting, not self.inline_io)
         # Several at a time on a network mount: submissions land together at a round's end.
-        for (node_id, _), doc in zip(waiting, read_each(fetch, waiting, not self.inline_io)):
+        for (node_id, _), doc in zip(waiting, docs):
             reason = book.offer(node_id, doc)
             if reason is not None:
                 self.log.warning("submission_rejected", peer=node_id, reason=reason)

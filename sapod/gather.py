@@ -74,7 +74,7 @@ def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
     # Set arithmetic, not a loop over the listing: a node wakes several times a round.
     new = sorted(entries.keys() - result.rollouts.keys() - {me})
 
-    def fetch(node_id: str) -> Rollouts | Rejected | None:
+    def fetch(node_id: str) -> Rollouts | None:
         path, inode = entries[node_id]
 
         def load(p: str) -> tuple[Any, int]:
@@ -84,10 +84,7 @@ def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
             except Rejected as exc:
                 return exc, 256
 
-        try:
-            return _ROLLOUTS_CACHE.get(path, inode, load)
-        except Rejected as exc:
-            return exc
+        return _ROLLOUTS_CACHE.get(path, inode, load)
 
     for node_id, got in zip(new, read_each(fetch, new, concurrent)):
         if got is None:

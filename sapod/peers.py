@@ -80,12 +80,9 @@ class PeerTable:
         self._refreshed_at = now
         files = list(list_node_files(paths.peers_dir(self.root)).items())
 
-        def fetch(item: tuple[str, Path]) -> Peer | Rejected | None:
-            try:
-                doc = read_json(item[1])
-                return None if doc is None else parse_peer(doc, item[0])
-            except Rejected as exc:
-                return exc
+        def fetch(item: tuple[str, Path]) -> Peer | None:
+            doc = read_json(item[1])
+            return None if doc is None else parse_peer(doc, item[0])
 
         for (node_id, _), peer in zip(files, read_each(fetch, files, self.concurrent)):
             if peer is None:

@@ -216,19 +216,27 @@ def set_read_concurrency(n: int) -> None:
         old.shutdown(wait=False)
 
 
-def read_each(fn: Callable[[T], R], items: Sequence[T], concurrent: bool) -> list[R]:
-    """``[fn(x) for x in items]``, in order; the first exception is raised. With
-    ``concurrent``, up to READ_CONCURRENCY at a time: on a network mount each file read
-    is a round trip (an API call on Drive), and a round's peer files land together, so
-    reading them one after another would cost the round N round trips."""
+def read_each(fn: Callable[[T], R], items: Sequence[T], concurrent: bool) -> list[R | Rejected]:
+    """``[fn(x) for x in items]``, in order, a peer's bad file (``Rejected``) as its value;
+    any other exception is raised. With ``concurrent``, up to READ_CONCURRENCY at a time:
+    on a network mount each file read is a round trip (an API call on Drive), and a
+    round's peer files land together, so reading them one after another would cost the
+    round N round trips."""
     global _read_pool
+
+    def one(x: T) -> R | Rejected:
+        try:
+            return fn(x)
+        except Rejected as exc:
+            return exc
+
     if not concurrent or len(items) < 2:
-        return [fn(x) for x in items]
+        return [one(x) for x in items]
     with _read_pool_lock:
         if _read_pool is None:
             _read_pool = ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="sapod-read")
         pool = _read_pool
-    return list(pool.map(fn, items))
+    return list(pool.map(one, items))
 
 
 def _read_at_most(fd: int, limit: int, size_hint: int) -> bytes:
