@@ -11,7 +11,9 @@ from pathlib import Path
 
 # The paths every node asks for on every wake are built once per argument set and kept
 # (Path objects are immutable): building a Path costs more than the stat it is for.
-_kept = functools.lru_cache(maxsize=8192)
+# Per function, the newest 1024: a round's paths for 128 nodes of one process for 8
+# rounds, and a bounded few MiB however many rounds a node runs.
+_kept = functools.lru_cache(maxsize=1024)
 
 # Canonical round folder names only: "round_03", "round_3\n" or a fullwidth digit would
 # name round 3 a second time (and, for checkpoints, make pruning delete the latest one).

@@ -329,14 +329,25 @@ class WriteOnceCache:
     so a replaced file is read again. With N nodes in one process, each peer file is
     opened and parsed once per process instead of once per node. Only files that
     parsed are kept: a rejected one may be a file still syncing in place (FUSE
-    mounts keep the inode), so it is read again next time. Bounded by total bytes.
+    mounts keep the inode), so it is read again next time.
+
+    Only the files of the ``max_folders`` folders most recently read from are kept
+    (a folder is one round's rollouts: a node reads the open round's, a late one the
+    round before), and at most ``max_bytes`` of them: a node that runs for days
+    keeps a few rounds' worth, not every round's until the byte bound, which parsed
+    is several times larger in memory than on disk.
     """
 
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_folders: int = 4):
         self.max_bytes = max_bytes
+        self.max_folders = max_folders
         self._items: OrderedDict[tuple[str, int], tuple[Any, int]] = OrderedDict()
+        self._folders: OrderedDict[str, list[tuple[str, int]]] = OrderedDict()  # folder -> its keys
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, path: str, inode: int, load: Callable[[str], tuple[Any, int]]) -> Any:
         """``load(path) -> (value, size)``; an exception value (Rejected) is re-raised."""
@@ -356,9 +367,25 @@ class WriteOnceCache:
             with self._lock:
                 if key in self._items:  # another thread read it meanwhile
                     return self._items[key][0]
-                self._items[key] = hit
-                self._bytes += hit[1]
-                while self._bytes > self.max_bytes and len(self._items) > 1:
-                    _, (_, size) = self._items.popitem(last=False)
-                    self._bytes -= size
+                self._add(key, hit)
         return hit[0]
+
+    def _add(self, key: tuple[str, int], hit: tuple[Any, int]) -> None:
+        folder = os.path.dirname(key[0])
+        keys = self._folders.get(folder)
+        if keys is None:
+            keys = self._folders[folder] = []
+            while len(self._folders) > self.max_folders:
+                for old in self._folders.popitem(last=False)[1]:
+                    self._drop(old)
+        keys.append(key)
+        self._items[key] = hit
+        self._bytes += hit[1]
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        """Forget one file (its folder's key list keeps the name; dropping it twice is harmless)."""
+        gone = self._items.pop(key, None)
+        if gone is not None:
+            self._bytes -= gone[1]

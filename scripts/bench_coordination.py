@@ -66,6 +66,7 @@ class Run:
     tasks: str = ""  # TASKS: "" for the nine default reasoning-gym tasks, a mix, or a task file
     read_latency: float = 0.0  # seconds each file read waits first (a network mount's round trip)
     read_concurrency: int = READ_CONCURRENCY
+    options: tuple[tuple[str, str], ...] = ()  # further settings for every node, (option, value)
 
 
 @contextlib.contextmanager
@@ -95,7 +96,7 @@ def node_config(shared: Path, role: str, node_id: str, run: Run) -> Config:
         "shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(run.rounds),
         "watch_mode": run.mode, "poll_interval": str(run.poll), "heartbeat_interval": "5", "peer_timeout": "120",
         "gather_timeout": "60", "round_timeout": "300", "checkpoint_interval": str(run.rounds), "tasks": run.tasks,
-        "log_level": "warning", "log_to_shared": "false", "role": role, "node_id": node_id}, {})
+        "log_level": "warning", "log_to_shared": "false", "role": role, "node_id": node_id, **dict(run.options)}, {})
 
 
 async def run_nodes(nodes: list) -> float:

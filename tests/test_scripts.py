@@ -114,3 +114,28 @@ def test_bench_coordination_models_a_network_mount(tmp_path):
     # a round cannot close before the coordinator has read a submission, which now waits 20 ms
     assert all(r["overhead_p50_ms"] >= 20 for r in results)
     assert all(line.split()[3] in ("1x", "4x") for line in proc.stdout.splitlines()[1:3])
+
+
+def test_bench_long_run_reports_each_tenth_and_cleanup_bounds_the_folder(tmp_path):
+    """bench_long_run.py reports every tenth of the run (rounds in order, none twice) with the
+    process's memory, descriptors and threads; --cleanup leaves fewer files in the folder."""
+    folders = {}
+    for cleanup in (False, True):
+        out = tmp_path / f"long-{cleanup}.json"
+        proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_long_run.py"), "--nodes", "2", "--rounds", "31",
+                               "--dir", str(tmp_path), "--json", str(out)] + (["--cleanup"] if cleanup else []),
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        r = json.loads(out.read_text())["result"]
+        assert r["cleanup"] is cleanup and len(r["tenths"]) == 10
+        spans = [t["rounds"] for t in r["tenths"]]
+        assert spans[0][0] == 1 and spans[-1][1] == 30
+        assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(t["rss_mb"] > 10 and t["fds"] >= 3 and t["threads"] >= 2 and t["p50_ms"] > 0 for t in r["tenths"])
+        assert r["peak_rss_mb"] >= max(t["rss_mb"] for t in r["tenths"])
+        folders[cleanup] = r["folder_files"]
+        assert "peak RSS" in proc.stdout
+    assert 0 < folders[True] < folders[False]
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "bench_long_run.py"), "--rounds", "5"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bad.returncode == 2 and "at least 11" in bad.stderr

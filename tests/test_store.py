@@ -131,6 +131,42 @@ def test_write_once_cache_reads_each_file_once_but_retries_rejections(tmp_path):
     assert loads.count(str(good)) == 1 and loads.count(str(torn)) == 2
 
 
+def test_write_once_cache_keeps_only_the_newest_folders_and_its_byte_bound(tmp_path):
+    """Only the files of the newest max_folders folders stay parsed (a long run does not
+    keep every round's), a forgotten file is read again when asked for, and the byte
+    bound still holds within those folders."""
+    from sapod.store import WriteOnceCache, list_node_entries, read_json_sized
+
+    cache = WriteOnceCache(max_folders=2)
+    loads: list[str] = []
+
+    def load(p):
+        loads.append(p)
+        return read_json_sized(p)
+
+    rounds = []
+    for r in range(4):
+        folder = tmp_path / f"round_{r}"
+        for node in ("w1", "w2"):
+            atomic_write_json(folder / f"{node}.json", {"round": r, "node": node})
+        rounds.append(list_node_entries(folder))
+    for r, entries in enumerate(rounds):
+        for node in ("w1", "w2"):
+            assert cache.get(*entries[node], load) == {"round": r, "node": node}
+    assert len(cache) == 4 and len(loads) == 8
+    for r in (2, 3):  # the newest two folders: no new read
+        assert cache.get(*rounds[r]["w1"], load) == {"round": r, "node": "w1"}
+    assert len(loads) == 8
+    assert cache.get(*rounds[0]["w2"], load) == {"round": 0, "node": "w2"}  # forgotten: read again
+    assert len(loads) == 9 and len(cache) == 3  # round_0 is the newest folder now, round_2 went
+
+    size = (tmp_path / "round_3" / "w1.json").stat().st_size
+    small = WriteOnceCache(max_bytes=size, max_folders=8)
+    for node in ("w1", "w2"):
+        small.get(*rounds[3][node], load)
+    assert len(small) == 1
+
+
 def test_state_reader_trusts_stat_only_on_local_disks(tmp_path):
     """On a local disk an unchanged state file costs one stat; elsewhere every read opens the file."""
     from sapod import schema
