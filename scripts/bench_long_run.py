@@ -92,12 +92,10 @@ def long_run(n: int, rounds: int, cleanup: bool, where: str | None, tenths: int 
         events = [e for e in read_jsonl(paths.progress_file(root, "coord")) if e.get("event") == "round_complete"]
         files, size = folder_size(shared)
     done = events[1:]  # round 0 includes start-up
-    step = max(1, len(done) // tenths)
+    bounds = [len(done) * k // tenths for k in range(tenths + 1)]
     rows = []
-    for k in range(0, len(done), step):
-        part = done[k:k + step]
-        if len(part) < step and rows:  # a remainder shorter than a tenth joins the last one
-            break
+    for lo, hi in zip(bounds, bounds[1:]):
+        part = done[lo:hi]
         secs = [float(e["seconds"]) for e in part]
         _, rss, fds, threads = sampler.at(float(part[-1]["ts"]))
         rows.append({"rounds": [int(part[0]["round"]), int(part[-1]["round"])],
