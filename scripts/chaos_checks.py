@@ -20,6 +20,10 @@ from sapod.schema import Tally, parse_submission, parse_tally
 from sapod.store import read_json
 
 FAKE_ID = re.compile(r"^x\d{5}$")
+# A file's ctime comes from the kernel's coarse clock (one tick: up to 10 ms at HZ=100)
+# unless someone looked at the old one, so a file renamed just after a moment can carry
+# a ctime just before it. "There before the last look" allows for that much.
+CTIME_SLACK_S = 0.02
 
 
 def _logs(base: Path) -> tuple[list[dict[str, Any]], int]:
@@ -74,7 +78,7 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
                     v.append(f"round {r}: {w} counted but its submission is gone or bad")
                 continue
             # ctime: when the file was renamed into this folder (a replica's copy included).
-            if st.st_ctime < t.collected_at and w not in t.counted:
+            if st.st_ctime < t.collected_at - CTIME_SLACK_S and w not in t.counted:
                 lost += 1
                 v.append(f"round {r}: {w}'s submission was there before the last look but not counted")
             if w in t.counted and st.st_ctime > t.closed_at:
