@@ -11,15 +11,16 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from sapod import paths
 from sapod.errors import Rejected
 from sapod.logs import get_logger
 from sapod.sampling import select_external
-from sapod.schema import ROLLOUTS, ClaimedItem, Rollouts, envelope, parse_rollouts
+from sapod.schema import ROLLOUTS, Rollouts, envelope, parse_rollouts
 from sapod.store import (IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_each, read_json,
                          read_json_sized)
 from sapod.taskbase import TaskSource
@@ -29,8 +30,15 @@ from sapod.watch import folder_version
 
 @dataclass
 class GatherResult:
-    rollouts: dict[str, Rollouts] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)  # node -> reason (whole file)
+    """A round's peer rollouts as one node sees them. Files are listed while the node
+    waits for its peers and read only when the sampler reaches one of their groups:
+    a node reads about J files a round, not one per peer (each read is an API call
+    on Drive)."""
+
+    files: dict[str, tuple[str, int]] = field(default_factory=dict)  # peer -> (path, inode), as listed
+    rollouts: dict[str, Rollouts] = field(default_factory=dict)  # files read and well-formed
+    rejected: dict[str, str] = field(default_factory=dict)  # files read and refused: peer -> reason
+    gone: set[str] = field(default_factory=set)  # listed, but not there when read
     invalid_items: int = 0
 
 
@@ -65,17 +73,30 @@ def peer_files(directory: Path) -> dict[str, tuple[str, int]]:
     return entries
 
 
-def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: GatherResult,
-                       concurrent: bool = False) -> None:
-    """Add every newly visible, well-formed peer file to ``result`` (files are write-once).
-    ``concurrent``: read the new files several at a time (a network mount)."""
-    entries = peer_files(paths.rollouts_dir(root, round_, stage))
-    log = get_logger()
+def list_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: GatherResult) -> None:
+    """Note every peer file now in the round's rollouts folder (one listing, no reads).
+
+    A file listed again under a new inode (replaced, or a FUSE mount's copy finished
+    syncing) is read afresh if the sampler reaches it."""
     # Set arithmetic, not a loop over the listing: a node wakes several times a round.
-    new = sorted(entries.keys() - result.rollouts.keys() - {me})
+    for node_id, entry in peer_files(paths.rollouts_dir(root, round_, stage)).items() - result.files.items():
+        if node_id != me:
+            result.files[node_id] = entry
+            result.rollouts.pop(node_id, None)
+            result.rejected.pop(node_id, None)
+            result.gone.discard(node_id)
+
+
+def load_peer_rollouts(result: GatherResult, peers: Sequence[str], round_: int, stage: int,
+                       concurrent: bool = False) -> None:
+    """Read the listed files of ``peers`` not read yet: each lands in ``result.rollouts``,
+    ``result.rejected`` (with its reason, logged) or ``result.gone``. Parsed files are
+    shared by the nodes of a process. ``concurrent``: several at a time (a network mount)."""
+    todo = [p for p in dict.fromkeys(peers)
+            if p in result.files and p not in result.rollouts and p not in result.rejected and p not in result.gone]
 
     def fetch(node_id: str) -> Rollouts | None:
-        path, inode = entries[node_id]
+        path, inode = result.files[node_id]
 
         def load(p: str) -> tuple[Any, int]:
             try:
@@ -86,34 +107,41 @@ def read_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
 
         return _ROLLOUTS_CACHE.get(path, inode, load)
 
-    for node_id, got in zip(new, read_each(fetch, new, concurrent)):
+    for node_id, got in zip(todo, read_each(fetch, todo, concurrent)):
         if got is None:
-            continue
-        if isinstance(got, Rejected):
-            # Kept as "not there yet": a file that is still syncing may parse later.
-            if result.rejected.get(node_id) != got.reason:
-                log.warning("rollouts_rejected", peer=node_id, reason=got.reason)
+            result.gone.add(node_id)
+        elif isinstance(got, Rejected):
+            get_logger().warning("rollouts_rejected", peer=node_id, reason=got.reason)
             result.rejected[node_id] = got.reason
-            continue
-        result.rollouts[node_id] = got
-        result.rejected.pop(node_id, None)
+        else:
+            result.rollouts[node_id] = got
 
 
-def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random.Random,
-                    max_completions: int) -> tuple[list[Group], int, int]:
-    """``(chosen, available, dropped)``: J peer groups sampled uniformly among those with signal.
+def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random.Random, max_completions: int,
+                    per_peer: int, round_: int, stage: int, concurrent: bool = False) -> tuple[list[Group], int, int]:
+    """``(chosen, offered, dropped)``: J peer groups sampled uniformly among those with signal.
 
-    Each candidate's provenance is checked and its completions scored with our own
-    verifier only when the sampler reaches it (see ``select_external``).
+    The groups on offer are the first ``per_peer`` (the swarm's I) distinct items of
+    each listed peer file, ``offered`` = listed files x ``per_peer``; a file with more
+    items cannot crowd out the others. The sampler draws (peer, slot) pairs at random
+    and only then reads that peer's file, checks the item's provenance and scores its
+    completions with our own verifier; a slot the file does not fill, or a file that
+    does not parse, is passed over. A uniform draw over all slots that keeps the
+    filled ones is a uniform draw over the groups, so reading lazily changes no
+    probability. ``concurrent``: the files of the next few draws are read together.
     """
     log = get_logger()
-    # Canonical order without looking inside the groups: peers by id, each peer's distinct
-    # items in file order (a file's exact duplicates are one candidate).
-    candidates = [(node_id, i, claimed) for node_id in sorted(result.rollouts)
-                  for i, claimed in result.rollouts[node_id].distinct]
+    peers = sorted(result.files)  # canonical order, whatever order the folder listed them in
+    per_peer = max(0, per_peer)
+    offered = len(peers) * per_peer
 
-    def score(c: tuple[str, int, ClaimedItem]) -> Group | None:
-        node_id, _, claimed = c
+    def score(k: int) -> Group | None:
+        node_id, slot = peers[k // per_peer], k % per_peer
+        load_peer_rollouts(result, (node_id,), round_, stage)
+        rollouts = result.rollouts.get(node_id)
+        if rollouts is None or slot >= len(rollouts.distinct):
+            return None
+        claimed = rollouts.distinct[slot][1]
         try:
             if len(claimed.completions) < 2 or len(claimed.completions) > max_completions:
                 raise Rejected(f"{len(claimed.completions)} completions (allowed 2..{max_completions})")
@@ -127,8 +155,12 @@ def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random
         return Group(item=item, completions=completions, rewards=[tasks.score(item, c) for c in completions],
                      source=node_id)
 
-    chosen, dropped = select_external(candidates, j, rng, key=None, score=score)
-    return chosen, len(candidates), dropped
+    def read_ahead(ks: list[int]) -> None:
+        load_peer_rollouts(result, [peers[k // per_peer] for k in ks], round_, stage, concurrent=True)
+
+    chosen, dropped = select_external(range(offered), j, rng, key=None, score=score,
+                                      ahead=read_ahead if concurrent else None)
+    return chosen, offered, dropped
 
 
 def rollouts_doc(node_id: str, instance: str, round_: int, stage: int, epoch: int, model: str,

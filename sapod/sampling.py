@@ -13,6 +13,7 @@ from sapod.types import Group
 
 
 T = TypeVar("T")
+AHEAD = 8  # draws shown to select_external's ``ahead`` at a time
 
 
 def _identity(g: Any) -> Any:
@@ -36,42 +37,57 @@ def _group_key(g: Group) -> tuple:
 
 def select_external(candidates: Sequence[T], j: int, rng: random.Random, *,
                     key: Callable[[T], Any] | None = _group_key,
-                    score: Callable[[T], Group | None] = _identity) -> tuple[list[Group], int]:
+                    score: Callable[[T], Group | None] = _identity,
+                    ahead: Callable[[list[T]], None] | None = None) -> tuple[list[Group], int]:
     """Up to ``j`` distinct groups with signal, uniformly at random without replacement.
 
     Candidates are put in a canonical order (by ``key``, so the listing order of the
     shared folder does not matter; ``key=None`` when the caller passes them distinct
     and in a canonical order already) and drawn one at a time in a random order (a
-    Fisher-Yates shuffle that stops early): each is scored (``score`` checks and
-    scores a peer's item lazily; None means invalid) and kept if its rewards are not
-    all equal, until ``j`` are kept. Taking the first ``j`` of a uniform shuffle that
-    pass the filter is a uniform sample of the groups that pass it, and only the
-    groups drawn are ever scored or cost a random draw, which keeps a node's cost at
-    O(J) verifier calls however large the swarm.
+    Fisher-Yates shuffle that stops early, kept as a map of the positions it moved, so
+    a draw costs the same however many candidates there are): each is scored
+    (``score`` checks and scores a peer's item lazily; None means invalid) and kept
+    if its rewards are not all equal, until ``j`` are kept. Taking the first ``j`` of a
+    uniform shuffle that pass the filter is a uniform sample of the groups that pass
+    it, and only the groups drawn are ever scored or cost a random draw, which keeps
+    a node's cost at O(J) verifier calls however large the swarm.
+
+    ``ahead``, if given, is shown the next few draws before they are scored (to read
+    their files together); the draws, and so the result, are the same without it.
 
     Returns ``(chosen, dropped)``: ``dropped`` counts the examined groups discarded for
     zero advantage. Exact duplicates are collapsed first and not counted.
     """
     if key is None:
-        order = list(candidates)
+        order: Sequence[T] = candidates
     else:
         unique = {key(c): c for c in candidates}
         order = [unique[k] for k in sorted(unique)]
     chosen: list[Group] = []
     dropped = 0
     n = len(order)
-    for i in range(n):
-        if len(chosen) >= j:
-            break
-        pick = rng.randrange(i, n)
-        order[i], order[pick] = order[pick], order[i]
-        group = score(order[i])
-        if group is None:
-            continue
-        if has_signal(group.rewards):
-            chosen.append(group)
-        else:
-            dropped += 1
+    moved: dict[int, int] = {}  # position -> index of the candidate the shuffle put there
+    batch = AHEAD if ahead is not None else 1
+    i = 0
+    while i < n and len(chosen) < j:
+        drawn = []
+        for i in range(i, min(i + batch, n)):
+            pick = rng.randrange(i, n)
+            drawn.append(moved.get(pick, pick))
+            moved[pick] = moved.pop(i, i)
+        i += 1
+        if ahead is not None:
+            ahead([order[k] for k in drawn])
+        for k in drawn:
+            if len(chosen) >= j:
+                break
+            group = score(order[k])
+            if group is None:
+                continue
+            if has_signal(group.rewards):
+                chosen.append(group)
+            else:
+                dropped += 1
     return chosen, dropped
 
 

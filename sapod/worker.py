@@ -23,7 +23,7 @@ from sapod import paths, schema
 from sapod.checkpoint import clear_stale_tmp, dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
 from sapod.executor import run_on_gpu
-from sapod.gather import GatherResult, choose_external, own_rollouts, read_peer_rollouts, rollouts_doc
+from sapod.gather import GatherResult, choose_external, list_peer_rollouts, own_rollouts, rollouts_doc
 from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.policy.loader import load_policy
@@ -221,7 +221,8 @@ class Worker(Node):
                  for it, comps in zip(items, completions)]
         rng = random.Random(round_seed(cfg.seed, self.node_id, r, "external"))
         external, available, dropped = await self.io(choose_external, result, self.tasks, cfg.num_transplant_trees, rng,
-                                                4 * max(cfg.num_generations, 8))
+                                                     4 * max(cfg.num_generations, 8), cfg.num_train_samples, r, s,
+                                                     not self.inline_io)
         self._check_stop()
 
         await self.set_phase("train", local=len(local), external=len(external))
@@ -288,7 +289,8 @@ class Worker(Node):
         return state is not None and state.round > r
 
     async def _gather(self, r: int, s: int) -> GatherResult:
-        """Wait until every live peer's rollouts are here, or GATHER_TIMEOUT."""
+        """Wait until every live peer's rollouts file is listed, or GATHER_TIMEOUT. Nothing
+        is read here: the sampler reads the files it draws from (see choose_external)."""
         result = GatherResult()
         if self.cfg.num_transplant_trees == 0:
             return result
@@ -296,16 +298,16 @@ class Worker(Node):
         deadline = time.monotonic() + self.cfg.gather_timeout
         while True:
             await self.io(self.table.refresh, self.peer_refresh_age)
-            had = len(result.rollouts)
-            await self.io(read_peer_rollouts, self.root, r, s, self.node_id, result, not self.inline_io)
-            if len(result.rollouts) > had:
+            had = len(result.files)
+            await self.io(list_peer_rollouts, self.root, r, s, self.node_id, result)
+            if len(result.files) > had:
                 self.poll_soon()  # peers are publishing: the rest are likely close behind
-            waiting = self.table.live("worker") - {self.node_id} - set(result.rollouts)
+            waiting = self.table.live("worker") - {self.node_id} - result.files.keys()
             if not waiting:
                 break
             left = deadline - time.monotonic()
             if left <= 0:
-                self.log.warning("gather_timeout", waiting_for=sorted(waiting), have=sorted(result.rollouts))
+                self.log.warning("gather_timeout", waiting_for=sorted(waiting), have=sorted(result.files))
                 break
             if await self.io(self._round_closed, r):
                 break

@@ -124,10 +124,11 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
 
     # -- hostile payloads --------------------------------------------------------------
     kinds: Counter[str] = Counter(p.kind for p in payloads)
-    refused, unsampled, late_payloads = 0, 0, 0
+    refused, refused_when_read, unsampled, late_payloads = 0, 0, 0, 0
     for p in payloads:
         if rejected(p, logged):
             refused += 1
+            refused_when_read += p.examined_only_if_sampled
         elif p.examined_only_if_sampled:
             unsampled += 1
         elif p.landed_late:
@@ -191,7 +192,8 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
         "submissions_lost": lost + unacked, "counted_twice": twice, "late_counted": late,
         "state_went_backwards": backwards,
         "hostile_payloads": len(payloads), "hostile_rejected_with_reason": refused,
-        "forged_never_sampled": unsampled, "hostile_landed_late": late_payloads,
+        "hostile_rejected_when_read": refused_when_read, "hostile_never_sampled": unsampled,
+        "hostile_landed_late": late_payloads,
         "payload_kinds": dict(sorted(kinds.items())),
         "peak_rss_worker_mb": round(worker_rss, 1), "peak_rss_coordinator_mb": round(coord_rss, 1),
         "dead_worker_rounds": len(dead), "dead_worker_max_round_s": round(max(dead), 3) if dead else None,

@@ -26,7 +26,9 @@ class Payload:
     kind: str
     path: Path  # where it was written
     key: str  # the fake node id a rejection names, or the file name an "ignored" line names
-    examined_only_if_sampled: bool = False  # forged items are checked when the sampler reaches them
+    # A peer's rollouts file is read, and its items checked, only when a node's sampler
+    # draws from it: such a payload may go unread (and then cannot have been trained on).
+    examined_only_if_sampled: bool = False
     landed_late: bool = False  # the round had opened before the file was in place: no node need read it
 
 
@@ -50,7 +52,7 @@ class PayloadMaker:
                                      n_local=2, external_sources=[], cumulative_reward=1.0)
 
     def batch(self, root: Path, r: int, real_ids: list[str], count: int) -> list[Payload]:
-        """``count`` payloads for round ``r`` (written before it opens, so every node reads them)."""
+        """``count`` payloads for round ``r`` (written before it opens, so every node lists them)."""
         kinds = [k for k in dir(self) if k.startswith("p_")]
         out = []
         for _ in range(count):
@@ -61,7 +63,7 @@ class PayloadMaker:
         return out
 
     # -- rollouts folder -------------------------------------------------------
-    def _rollout(self, root: Path, r: int, kind: str, data: bytes, only_if_sampled: bool = False,
+    def _rollout(self, root: Path, r: int, kind: str, data: bytes, only_if_sampled: bool = True,
                  node: str | None = None) -> Payload:
         node = node or self._id()
         path = paths.rollout_file(root, r, 0, node)
@@ -89,7 +91,7 @@ class PayloadMaker:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as fh:  # 100 MB, sparse: costs no disk, and no reader may read it
             fh.truncate(100 * 2**20)
-        return Payload("huge_100MB", path, node)
+        return Payload("huge_100MB", path, node, examined_only_if_sampled=True)
 
     def p_wrong_schema(self, root: Path, r: int, real: list[str]) -> Payload:
         node = self._id()
@@ -136,7 +138,7 @@ class PayloadMaker:
         else:
             item["answer"] = "forged"
         item["completions"] = ["<answer>forged</answer>", "<answer>1</answer>"]
-        return self._rollout(root, r, "forged_provenance", _dump(doc), only_if_sampled=True, node=node)
+        return self._rollout(root, r, "forged_provenance", _dump(doc), node=node)
 
     # -- rewards and peers ------------------------------------------------------
     def p_bad_submission(self, root: Path, r: int, real: list[str]) -> Payload:

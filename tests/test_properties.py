@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from sapod import paths, progress, schema, store
 from sapod.checkpoint import COUNTERS, read_counters
 from sapod.errors import Rejected
-from sapod.gather import GatherResult, read_peer_rollouts, rollouts_doc
+from sapod.gather import GatherResult, list_peer_rollouts, load_peer_rollouts, rollouts_doc
 from sapod.peers import GONE, PeerTable
 from sapod.rounds import ALL_SUBMITTED, TIMED_OUT, RoundBook
 from sapod.state import StateReader
@@ -1047,7 +1047,7 @@ def test_read_jsonl_ignores_special_files(tmp_path):
     assert out == {"fifo": [], "dir": [], "absent": []}
 
 
-# -- gather.read_peer_rollouts -----------------------------------------------------
+# -- gather.list_peer_rollouts, load_peer_rollouts -----------------------------------------------------
 
 ROUND, STAGE, ME = 3, 0, "me"
 
@@ -1084,11 +1084,12 @@ def rollout_folders(draw: Any) -> dict[str, bytes | str]:
 
 @FILES
 @given(rollout_folders(), st.data())
-def test_read_peer_rollouts_over_hostile_files(files, data):
-    """Every peer file is either taken (equal to what parse_rollouts makes of it) or recorded as
-    rejected with its reason; our own file and stray names are skipped; nothing raises. A file
-    that becomes whole later is taken then. The same whether the files are read one at a time
-    or several at once (as on a network mount)."""
+def test_peer_rollouts_over_hostile_files(files, data):
+    """Listing reads nothing; every listed peer file, once loaded, is either taken (equal to
+    what parse_rollouts makes of it) or recorded as rejected with its reason; our own file
+    and stray names are skipped; nothing raises. A file that becomes whole later is listed
+    anew and taken then. The same whether the files are read one at a time or several at
+    once (as on a network mount)."""
     concurrent = data.draw(st.booleans(), label="concurrent")
     with scratch() as root:
         folder = paths.rollouts_dir(root, ROUND, STAGE)
@@ -1106,9 +1107,12 @@ def test_read_peer_rollouts_over_hostile_files(files, data):
                 pass
         listed = set(store.list_node_files(folder)) - {ME}
         result = GatherResult()
-        read_peer_rollouts(root, ROUND, STAGE, ME, result, concurrent)
-        read_peer_rollouts(root, ROUND, STAGE, ME, result, concurrent)  # a rescan (cached files) changes nothing
-        assert not result.rollouts.keys() & result.rejected.keys()
+        list_peer_rollouts(root, ROUND, STAGE, ME, result)
+        assert result.files.keys() == listed and not result.rollouts and not result.rejected
+        load_peer_rollouts(result, sorted(result.files), ROUND, STAGE, concurrent)
+        list_peer_rollouts(root, ROUND, STAGE, ME, result)  # a rescan of unchanged files
+        load_peer_rollouts(result, sorted(result.files), ROUND, STAGE, concurrent)  # changes nothing
+        assert not result.rollouts.keys() & result.rejected.keys() and not result.gone
         assert result.rollouts.keys() | result.rejected.keys() == listed
         for node in listed:
             try:
@@ -1124,7 +1128,8 @@ def test_read_peer_rollouts_over_hostile_files(files, data):
             c = data.draw(valid_rollouts(node, ROUND, STAGE))
             store.atomic_write_json(folder / f"{node}.json", c.doc, durable=False)
             fixed[node] = c.expect
-        read_peer_rollouts(root, ROUND, STAGE, ME, result, concurrent)
+        list_peer_rollouts(root, ROUND, STAGE, ME, result)
+        load_peer_rollouts(result, sorted(result.files), ROUND, STAGE, concurrent)
         assert result.rejected == {}
         for node, want in fixed.items():
             assert result.rollouts[node] == want

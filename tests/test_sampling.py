@@ -147,36 +147,95 @@ def test_round_seed_differs_across_inputs():
 
 
 
+def _sums(tmp_path, n: int):
+    import json
+
+    from sapod.tasks import make_task_source
+
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(n)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return make_task_source(str(tmp_path / "sums.jsonl"))
+
+
+def _publish(root, tasks, node: str, indices: list[int]) -> None:
+    """A peer's rollouts for round 0: each item answered right once and wrong once (signal)."""
+    from sapod import paths
+    from sapod.gather import rollouts_doc
+    from sapod.store import atomic_write_json
+
+    items = [tasks._item(i) for i in indices]
+    doc = rollouts_doc(node, "i", 0, 0, 1, "m", items, [[f"<answer>{i + 1}</answer>", "<answer>0</answer>"]
+                                                          for i in indices])
+    atomic_write_json(paths.rollout_file(root, 0, 0, node), doc, durable=False)
+
+
+def _listed(root):
+    from sapod.gather import GatherResult, list_peer_rollouts
+
+    result = GatherResult()
+    list_peer_rollouts(root, 0, 0, "me", result)
+    return result
+
+
 def test_choose_external_ignores_listing_order_and_collapses_repeats(tmp_path):
     """A node's pick among its peers' files depends on the files and the seed only, not on
     the order the folder listed them in; a file's repeated group is one candidate."""
-    import json
-
     from sapod.gather import GatherResult, choose_external
-    from sapod.schema import ClaimedItem, Rollouts
-    from sapod.tasks import make_task_source
 
-    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
-    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tasks = make_task_source(str(tmp_path / "sums.jsonl"))
-
-    def claimed(i: int) -> ClaimedItem:
-        it = tasks._item(i)
-        return ClaimedItem(it.task, it.seed, it.index, it.question, it.answer,
-                           (f"<answer>{i + 1}</answer>", "<answer>0</answer>"))
-
-    files = {f"w{n}": Rollouts(f"w{n}", "i", "m", (claimed(2 * n), claimed(2 * n + 1))) for n in range(3)}
-    files["w3"] = Rollouts("w3", "i", "m", (claimed(0), claimed(0)))  # one group, twice
+    tasks = _sums(tmp_path, 6)
+    for n in range(3):
+        _publish(tmp_path, tasks, f"w{n}", [2 * n, 2 * n + 1])
+    _publish(tmp_path, tasks, "w3", [0, 0])  # one group, twice
+    files = _listed(tmp_path).files
 
     def pick(order: list[str], seed: int) -> tuple[list[tuple[str, int]], int]:
-        result = GatherResult(rollouts={n: files[n] for n in order})
-        chosen, available, _ = choose_external(result, tasks, 3, random.Random(seed), 8)
-        return [(g.source, g.item.index) for g in chosen], available
+        result = GatherResult(files={n: files[n] for n in order})
+        chosen, offered, _ = choose_external(result, tasks, 3, random.Random(seed), 8, 2, 0, 0)
+        return [(g.source, g.item.index) for g in chosen], offered
 
-    first, available = pick(["w0", "w1", "w2", "w3"], 5)
-    assert available == 7 and len(first) == 3
+    first, offered = pick(["w0", "w1", "w2", "w3"], 5)
+    assert offered == 8 and len(first) == 3  # 4 files x I=2 slots, one of them empty
     for order in (["w3", "w2", "w1", "w0"], ["w1", "w3", "w0", "w2"]):
-        assert pick(order, 5) == (first, 7)
+        assert pick(order, 5) == (first, 8)
     everything = {tuple(pick(["w0", "w1", "w2", "w3"], s)[0]) for s in range(40)}
     assert len(everything) > 5  # the seed matters
     assert all(sum(1 for src, _ in picked if src == "w3") <= 1 for picked in everything)
+
+
+def test_choose_external_reads_only_the_files_it_draws_from(tmp_path):
+    """With 20 peers and J=2, a node reads the one or two files its draws land in, not 20;
+    reading ahead several at a time (a network mount) reads at most AHEAD and picks the same."""
+    from sapod.gather import choose_external
+    from sapod.sampling import AHEAD
+
+    tasks = _sums(tmp_path, 40)
+    for n in range(20):
+        _publish(tmp_path, tasks, f"p{n:02d}", [2 * n, 2 * n + 1])
+    for seed in range(10):
+        lazy, ahead = _listed(tmp_path), _listed(tmp_path)
+        assert len(lazy.files) == 20 and not lazy.rollouts
+        chosen, offered, _ = choose_external(lazy, tasks, 2, random.Random(seed), 8, 2, 0, 0)
+        assert offered == 40 and len(chosen) == 2
+        assert lazy.rollouts.keys() == {g.source for g in chosen}  # every group drawn had signal
+        same, _, _ = choose_external(ahead, tasks, 2, random.Random(seed), 8, 2, 0, 0, concurrent=True)
+        assert [(g.source, g.item.index) for g in same] == [(g.source, g.item.index) for g in chosen]
+        assert lazy.rollouts.keys() <= ahead.rollouts.keys() and len(ahead.rollouts) <= AHEAD
+
+
+def test_choose_external_is_uniform_over_groups_and_caps_each_file_at_i(tmp_path):
+    """Drawing (peer, slot) pairs and passing over empty slots is a uniform draw over the
+    groups, whatever each file holds; a file's items beyond I are never on offer."""
+    from collections import Counter
+
+    from sapod.gather import choose_external
+
+    tasks = _sums(tmp_path, 10)
+    _publish(tmp_path, tasks, "a", [0, 1])
+    _publish(tmp_path, tasks, "b", [2])  # one group: its second slot is empty
+    _publish(tmp_path, tasks, "c", [3, 4, 5, 6, 7])  # more than I=2: only 3 and 4 are on offer
+    counts: Counter[int] = Counter()
+    for seed in range(3000):
+        (group,), _, _ = choose_external(_listed(tmp_path), tasks, 1, random.Random(seed), 8, 2, 0, 0)
+        counts[group.item.index] += 1
+    assert set(counts) == {0, 1, 2, 3, 4}
+    assert all(480 <= c <= 720 for c in counts.values()), counts  # 600 each; 5 standard deviations is 110
