@@ -187,7 +187,7 @@ class Coordinator(Node):
                       timed_out=reason == TIMED_OUT, seconds=round(seconds, 3), reward_mean=round(mean, 4))
         await self.progress("round_complete", round=state.round, submitted=submitted, missing=missing,
                             timed_out=reason == TIMED_OUT, seconds=seconds, reward_mean=mean)
-        await self.io(self.records.flush)
+        self.flush_records()
         if new.status == "open":
             tidied = await self.io(tidy_for, self.cfg, new.round)
             if tidied and (tidied["rounds_removed"] or tidied["errors"]):

@@ -89,10 +89,22 @@ class RecordBuffer:
         rows.append(record)
         del rows[:-self.MAX_PENDING]
 
+    def take(self) -> dict[Path, list[dict[str, Any]]]:
+        """What is pending, now no longer held here (give it to ``write_records``)."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def restore(self, failed: dict[Path, list[dict[str, Any]]]) -> None:
+        """Hold rows that could not be written again, ahead of any added since."""
+        for path, rows in failed.items():
+            newer = self._pending.pop(path, [])
+            self._pending[path] = (rows + newer)[-self.MAX_PENDING:]
+
     def flush(self) -> None:
         """Write what is pending (blocking: run it where file work runs)."""
-        pending, self._pending = self._pending, {}
-        for path, rows in pending.items():
-            if not append_jsonl(path, rows):
-                for row in rows:
-                    self.add(path, row)
+        self.restore(write_records(self.take()))
+
+
+def write_records(pending: dict[Path, list[dict[str, Any]]]) -> dict[Path, list[dict[str, Any]]]:
+    """One append per file; returns the rows of the files that could not be written."""
+    return {path: rows for path, rows in pending.items() if not append_jsonl(path, rows)}

@@ -25,8 +25,8 @@ import structlog
 from sapod import __version__, paths, schema
 from sapod.config import Config
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
-from sapod.executor import run_write
-from sapod.logs import RecordBuffer, get_logger
+from sapod.executor import run_append, run_write
+from sapod.logs import RecordBuffer, get_logger, write_records
 from sapod.sdnotify import Notifier
 from sapod.store import atomic_write_json, read_json
 from sapod.watch import Watcher, is_remote, mount_fstype, pick_watch_mode
@@ -62,6 +62,7 @@ class Node:
         self._displaced: Displaced | None = None
         self.notifier = Notifier(cfg.notify_socket)
         self.records = RecordBuffer()
+        self._appending: set[asyncio.Task[None]] = set()  # flushes handed to the records thread
         self._wd_task: asyncio.Task[None] | None = None
         # How stale a cached view of peers/ may be: heartbeats move only this often.
         self.peer_refresh_age = min(cfg.heartbeat_interval, cfg.peer_timeout / 4)
@@ -157,7 +158,8 @@ class Node:
                 await self.heartbeat()  # the final one says we are gone
             except (OSError, Displaced):
                 pass
-        await self.io(self.records.flush)
+        await self.records_written()
+        await self.io(self.records.flush)  # what failed on the way, and the lines since
         self.log.info("node_stopped", status=self.status, round=self.round)
         self.notifier.close()
 
@@ -320,6 +322,25 @@ class Node:
         self.records.add(paths.progress_file(self.root, self.node_id), {
             "ts": time.time(), "event": event, "node_id": self.node_id, "role": self.role,
             "instance": self.instance, "round": self.round, **fields})
+
+    def flush_records(self) -> None:
+        """Hand the pending records to the records thread and go on: an append waits on
+        the folder (on a Drive mount it can mean uploading the file again), and the next
+        phase need not wait for it. The thread writes them in the order handed over;
+        rows that fail come back to the buffer for the next flush."""
+        pending = self.records.take()
+        if pending:
+            task = asyncio.ensure_future(self._append(pending))
+            self._appending.add(task)
+            task.add_done_callback(self._appending.discard)
+
+    async def _append(self, pending: dict[Path, list[dict[str, Any]]]) -> None:
+        self.records.restore(await run_append(write_records, pending))
+
+    async def records_written(self) -> None:
+        """Until every flush handed over so far has been written (or given back)."""
+        while self._appending:
+            await asyncio.wait(set(self._appending))
 
     def watch(self, *folders: Path) -> None:
         assert self.watcher is not None

@@ -156,7 +156,7 @@ class Worker(Node):
 
     async def _await_state(self) -> State | None:
         self.watch(paths.state_dir(self.root))
-        await self.io(self.records.flush)  # the round's records, in one append per file
+        self.flush_records()  # the round's records, one append per file, written meanwhile
         while not self.stop.is_set():
             state = await self.io(self.reader.read)
             if state is not None and (state.status == "finished" or state.round > self.last_round):

@@ -194,6 +194,57 @@ def test_writes_and_appends_make_missing_folders(tmp_path):
     assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["w1.json"]  # no temp file left
 
 
+def test_records_that_fail_to_append_wait_for_the_next_flush_in_order(tmp_path):
+    """Rows whose append fails stay held, ahead of rows added while it was being tried
+    (a node's flush runs on the records thread); the next flush that works writes them
+    all, in order."""
+    from sapod.logs import RecordBuffer, write_records
+
+    (tmp_path / "logs").write_text("a file where the folder should be")
+    path = tmp_path / "logs" / "w1" / "events.jsonl"
+    records = RecordBuffer()
+    records.add(path, {"n": 1})
+    records.add(path, {"n": 2})
+    handed = records.take()
+    records.add(path, {"n": 3})  # added while the append is in flight
+    records.restore(write_records(handed))
+    (tmp_path / "logs").unlink()
+    records.flush()
+    assert path.read_text() == '{"n":1}\n{"n":2}\n{"n":3}\n'
+    records.flush()  # nothing pending: nothing written twice
+    assert path.read_text().count("\n") == 3
+
+
+def test_a_node_appends_its_records_in_the_background_in_order(make_cfg, tmp_path):
+    """flush_records returns before the append is made (on the records thread); flushes
+    land in the order they were handed over, and records_written waits for them all."""
+    import asyncio
+
+    from sapod import executor
+    from sapod.worker import Worker
+
+    node = Worker(make_cfg())
+    path = tmp_path / "logs" / "w1" / "events.jsonl"
+    gate = threading.Event()
+
+    async def go() -> list[str]:
+        await executor.run_append(lambda: None)  # the records thread is up
+        blocked = asyncio.ensure_future(executor.run_append(gate.wait))  # holds the thread
+        for n in range(5):
+            node.records.add(path, {"n": n})
+            node.flush_records()
+        seen = [path.read_text() if path.exists() else ""]
+        gate.set()
+        await blocked
+        await node.records_written()
+        seen.append(path.read_text())
+        return seen
+
+    before, after = asyncio.run(go())
+    assert before == ""  # nothing written while the thread was busy: the node did not wait
+    assert after == "".join(f'{{"n":{n}}}\n' for n in range(5))
+
+
 def test_temp_names_do_not_repeat():
     """Temp names come from a counter, not the kernel's random source: still distinct."""
     from sapod.store import _temp_tag
