@@ -1,5 +1,5 @@
 """The threads that do blocking work for the event loop: one for the GPU, a few for
-writes, one for the JSONL records.
+writes, a few for the JSONL records.
 
 One GPU thread keeps CUDA work serialized (several nodes may share a GPU) and keeps
 the event loop free for heartbeats, file events and signals while the GPU is busy.
@@ -92,8 +92,8 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
 
 GPU = Lane("sapod-gpu", 1)
 WRITES = Lane("sapod-write", 4)
-# One thread: the appends of every node of the process, in the order they were handed over.
-RECORDS = Lane("sapod-records", 1)
+# JSONL appends (a node has one batch in flight at a time, so its records stay in order).
+RECORDS = Lane("sapod-records", 4)
 
 
 async def run_on_gpu(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -107,7 +107,7 @@ async def run_write(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 async def run_append(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` (appends to JSONL records) on the records thread, in call order."""
+    """``fn(*args, **kwargs)`` (appends to JSONL records) on the records threads."""
     return await RECORDS.run(fn, *args, **kwargs)
 
 

@@ -62,7 +62,7 @@ class Node:
         self._displaced: Displaced | None = None
         self.notifier = Notifier(cfg.notify_socket)
         self.records = RecordBuffer()
-        self._appending: set[asyncio.Task[None]] = set()  # flushes handed to the records thread
+        self._appending: asyncio.Task[None] | None = None  # this node's records being appended
         self._wd_task: asyncio.Task[None] | None = None
         # How stale a cached view of peers/ may be: heartbeats move only this often.
         self.peer_refresh_age = min(cfg.heartbeat_interval, cfg.peer_timeout / 4)
@@ -324,23 +324,26 @@ class Node:
             "instance": self.instance, "round": self.round, **fields})
 
     def flush_records(self) -> None:
-        """Hand the pending records to the records thread and go on: an append waits on
-        the folder (on a Drive mount it can mean uploading the file again), and the next
-        phase need not wait for it. The thread writes them in the order handed over;
-        rows that fail come back to the buffer for the next flush."""
-        pending = self.records.take()
-        if pending:
-            task = asyncio.ensure_future(self._append(pending))
-            self._appending.add(task)
-            task.add_done_callback(self._appending.discard)
+        """Append the pending records on a records thread while the node goes on: an
+        append waits on the folder (on a Drive mount it can mean uploading the file
+        again), and the next phase need not wait for it. One batch of a node's at a
+        time, so its records stay in order; what is added meanwhile goes with the next
+        batch (a slow folder gets fewer, larger appends, not a queue that grows). Rows
+        that fail are held for the next flush."""
+        if self._appending is None or self._appending.done():
+            self._appending = asyncio.ensure_future(self._append_pending())
 
-    async def _append(self, pending: dict[Path, list[dict[str, Any]]]) -> None:
-        self.records.restore(await run_append(write_records, pending))
+    async def _append_pending(self) -> None:
+        while pending := self.records.take():
+            failed = await run_append(write_records, pending)
+            self.records.restore(failed)
+            if failed:
+                return  # tried again at the next flush, not in a loop
 
     async def records_written(self) -> None:
-        """Until every flush handed over so far has been written (or given back)."""
-        while self._appending:
-            await asyncio.wait(set(self._appending))
+        """Until the batch being appended, and any records it picks up after, are written."""
+        if self._appending is not None:
+            await asyncio.wait({self._appending})
 
     def watch(self, *folders: Path) -> None:
         assert self.watcher is not None

@@ -19,10 +19,13 @@ coordinator alone in this one, for machines with cores to spare.
 ``--read-latency MS`` models a network mount (Drive, NFS): every file read waits MS
 milliseconds first, and the nodes treat the folder as remote (file work in threads,
 several reads in flight, ``--read-concurrency`` of them; 1 reads one file at a time).
+``--append-latency MS`` makes every JSONL record append wait MS milliseconds first (on
+a Drive mount an append can mean uploading the file again).
 
     python scripts/bench_coordination.py --nodes 2,8,32,128 --rounds 30
     python scripts/bench_coordination.py --nodes 8,128 --modes inotify --processes 1,2
     python scripts/bench_coordination.py --nodes 8,32 --modes poll --read-latency 100 --read-concurrency 1,8
+    python scripts/bench_coordination.py --nodes 8 --modes poll,inotify --read-latency 100 --append-latency 300
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sapod import node, paths, store
+from sapod import logs, node, paths, store
 from sapod.config import Config, build_config
 from sapod.coordinator import Coordinator
 from sapod.daemon import run_loop
@@ -67,27 +70,33 @@ class Run:
     read_latency: float = 0.0  # seconds each file read waits first (a network mount's round trip)
     read_concurrency: int = READ_CONCURRENCY
     options: tuple[tuple[str, str], ...] = ()  # further settings for every node, (option, value)
+    append_latency: float = 0.0  # seconds each JSONL append waits first (on Drive: the file uploaded again)
 
 
 @contextlib.contextmanager
 def mount_model(run: Run):
-    """With a read latency: every file read waits it out first, and nodes see a remote
-    folder (file work in threads, reads several at a time). Otherwise nothing changes."""
-    if run.read_latency <= 0:
+    """With a read or append latency: every file read (JSONL append) waits it out first,
+    and nodes see a remote folder (file work in threads, reads several at a time).
+    Otherwise nothing changes."""
+    if run.read_latency <= 0 and run.append_latency <= 0:
         yield
         return
-    real_read, real_remote = store._read_at_most, node.is_remote
+    real_read, real_append, real_remote = store._read_at_most, logs.append_jsonl, node.is_remote
 
     def slow_read(fd: int, limit: int, size_hint: int) -> bytes:
         time.sleep(run.read_latency)
         return real_read(fd, limit, size_hint)
 
-    store._read_at_most, node.is_remote = slow_read, lambda fstype: True
+    def slow_append(path: Path, records: list) -> bool:
+        time.sleep(run.append_latency)
+        return real_append(path, records)
+
+    store._read_at_most, logs.append_jsonl, node.is_remote = slow_read, slow_append, lambda fstype: True
     store.set_read_concurrency(run.read_concurrency)
     try:
         yield
     finally:
-        store._read_at_most, node.is_remote = real_read, real_remote
+        store._read_at_most, logs.append_jsonl, node.is_remote = real_read, real_append, real_remote
         store.set_read_concurrency(READ_CONCURRENCY)
 
 
@@ -166,6 +175,7 @@ def bench(n: int, run: Run, where: str | None = None, processes: int = 1) -> dic
         "mode": run.mode, "nodes": n, "rounds": run.rounds, "poll_interval": run.poll, "tasks": run.tasks or "default",
         "folder": where or tempfile.gettempdir(), "processes": processes,
         "read_latency_ms": 1000 * run.read_latency, "read_concurrency": run.read_concurrency,
+        "append_latency_ms": 1000 * run.append_latency,
         "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
         "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
         # Nodes sharing this process read each peer file once between them (a process-wide
@@ -211,6 +221,9 @@ def main() -> int:
     ap.add_argument("--read-latency", type=float, default=0.0, help="milliseconds every file read waits first, "
                                                                       "on a folder the nodes treat as remote: a "
                                                                       "model of a network mount [0: off]")
+    ap.add_argument("--append-latency", type=float, default=0.0,
+                    help="milliseconds every JSONL append waits first (on Drive an append can mean uploading the "
+                         "file again); the folder is then treated as remote too [0: off]")
     ap.add_argument("--read-concurrency", default=str(READ_CONCURRENCY),
                     help=f"comma-separated counts of reads in flight at once on a remote folder [{READ_CONCURRENCY}]")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
@@ -220,18 +233,20 @@ def main() -> int:
         tasks = [sums_file() if t == "file" else t for t in tasks]
     configure_logging("json", "warning", stream=sys.stderr)
     results = []
-    latency = args.read_latency / 1000
+    latency, append_latency = args.read_latency / 1000, args.append_latency / 1000
     print(f"{'tasks':<12}{'mode':<8}{'procs':>6}{'reads':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
           f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
     for task, mode, procs, conc, n in ((t, m, int(k), int(c), int(x)) for t in tasks for m in args.modes.split(",")
                                        for k in args.processes.split(",")
-                                       for c in (args.read_concurrency.split(",") if latency else ["1"])
+                                       for c in (args.read_concurrency.split(",") if latency or append_latency
+                                                 else ["1"])
                                        for x in args.nodes.split(",")):
-        r = bench(n, Run(args.rounds, mode, args.poll_interval, task, latency, conc), args.dir, procs)
+        r = bench(n, Run(args.rounds, mode, args.poll_interval, task, latency, conc, append_latency=append_latency),
+                  args.dir, procs)
         results.append(r)
         p = r["per_node_round"]
         label = "file" if r["tasks"].endswith(".jsonl") else r["tasks"][:11]
-        at_once = f"{conc}x" if latency else "local"
+        at_once = f"{conc}x" if latency or append_latency else "local"
         print(f"{label:<12}{mode:<8}{procs:>6}{at_once:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}"
               f"{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}"
               f"{p['reads']:>8.1f}{p['listings']:>8.1f}", flush=True)

@@ -215,34 +215,39 @@ def test_records_that_fail_to_append_wait_for_the_next_flush_in_order(tmp_path):
     assert path.read_text().count("\n") == 3
 
 
-def test_a_node_appends_its_records_in_the_background_in_order(make_cfg, tmp_path):
-    """flush_records returns before the append is made (on the records thread); flushes
-    land in the order they were handed over, and records_written waits for them all."""
+def test_a_node_appends_its_records_in_the_background_in_order(make_cfg, tmp_path, monkeypatch):
+    """flush_records returns before the append is made; while one batch is being written,
+    what is added goes with the next one (no queue of appends), in order; records_written
+    waits for all of it."""
     import asyncio
 
-    from sapod import executor
+    from sapod import logs, node as node_module
     from sapod.worker import Worker
 
-    node = Worker(make_cfg())
+    w = Worker(make_cfg())
     path = tmp_path / "logs" / "w1" / "events.jsonl"
-    gate = threading.Event()
+    gate, batches = threading.Event(), []
 
-    async def go() -> list[str]:
-        await executor.run_append(lambda: None)  # the records thread is up
-        blocked = asyncio.ensure_future(executor.run_append(gate.wait))  # holds the thread
+    def slow_write(pending):  # a folder that takes its time (on the records thread)
+        gate.wait(10)
+        batches.append([row["n"] for rows in pending.values() for row in rows])
+        return logs.write_records(pending)
+
+    monkeypatch.setattr(node_module, "write_records", slow_write)
+
+    async def go() -> str:
         for n in range(5):
-            node.records.add(path, {"n": n})
-            node.flush_records()
-        seen = [path.read_text() if path.exists() else ""]
+            w.records.add(path, {"n": n})
+            w.flush_records()
+            await asyncio.sleep(0.01)
+        written_meanwhile = path.read_text() if path.exists() else ""
         gate.set()
-        await blocked
-        await node.records_written()
-        seen.append(path.read_text())
-        return seen
+        await w.records_written()
+        return written_meanwhile
 
-    before, after = asyncio.run(go())
-    assert before == ""  # nothing written while the thread was busy: the node did not wait
-    assert after == "".join(f'{{"n":{n}}}\n' for n in range(5))
+    assert asyncio.run(go()) == ""  # the node went on while the first batch waited
+    assert batches == [[0], [1, 2, 3, 4]]
+    assert path.read_text() == "".join(f'{{"n":{n}}}\n' for n in range(5))
 
 
 def test_temp_names_do_not_repeat():
