@@ -116,6 +116,21 @@ def test_bench_coordination_models_a_network_mount(tmp_path):
     assert all(line.split()[3] in ("1x", "4x") for line in proc.stdout.splitlines()[1:3])
 
 
+def test_bench_coordination_models_slow_appends(tmp_path):
+    """--append-latency alone makes every JSONL append wait first, on a folder treated as
+    remote; the round does not wait for the appends, so records still all land."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_coordination.py"), "--nodes", "2", "--rounds", "3",
+                           "--modes", "inotify", "--tasks", "file", "--append-latency", "200", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert (r["append_latency_ms"], r["read_latency_ms"]) == (200.0, 0.0)
+    assert proc.stdout.splitlines()[1].split()[3] == "8x"  # remote: reads several at a time
+    assert r["rounds"] == 3 and r["per_node_round"]["appends"] > 0
+    assert r["overhead_p50_ms"] < 200  # a round waits for no append
+
+
 def test_bench_long_run_reports_each_tenth_and_cleanup_bounds_the_folder(tmp_path):
     """bench_long_run.py reports every tenth of the run (rounds in order, none twice) with the
     process's memory, descriptors and threads; --cleanup leaves fewer files in the folder."""
