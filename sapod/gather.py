@@ -39,6 +39,7 @@ class GatherResult:
     rollouts: dict[str, Rollouts] = field(default_factory=dict)  # files read and well-formed
     rejected: dict[str, str] = field(default_factory=dict)  # files read and refused: peer -> reason
     gone: set[str] = field(default_factory=set)  # listed, but not there when read
+    listed: dict[str, tuple[str, int]] | None = None  # the listing last taken in (peer_files' result)
     invalid_items: int = 0
 
 
@@ -78,8 +79,12 @@ def list_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
 
     A file listed again under a new inode (replaced, or a FUSE mount's copy finished
     syncing) is read afresh if the sampler reaches it."""
+    entries = peer_files(paths.rollouts_dir(root, round_, stage))
+    if entries is result.listed:  # the process's shared listing, already taken in
+        return
+    result.listed = entries
     # Set arithmetic, not a loop over the listing: a node wakes several times a round.
-    for node_id, entry in peer_files(paths.rollouts_dir(root, round_, stage)).items() - result.files.items():
+    for node_id, entry in entries.items() - result.files.items():
         if node_id != me:
             result.files[node_id] = entry
             result.rollouts.pop(node_id, None)
