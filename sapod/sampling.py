@@ -68,14 +68,14 @@ def select_external(candidates: Sequence[T], j: int, rng: random.Random, *,
     n = len(order)
     moved: dict[int, int] = {}  # position -> index of the candidate the shuffle put there
     batch = AHEAD if ahead is not None else 1
-    i = 0
-    while i < n and len(chosen) < j:
+    done = 0  # positions drawn so far
+    while done < n and len(chosen) < j:
         drawn = []
-        for i in range(i, min(i + batch, n)):
+        for i in range(done, min(done + batch, n)):
             pick = rng.randrange(i, n)
             drawn.append(moved.get(pick, pick))
             moved[pick] = moved.pop(i, i)
-        i += 1
+        done += len(drawn)
         if ahead is not None:
             ahead([order[k] for k in drawn])
         for k in drawn:
