@@ -329,3 +329,33 @@ def test_poll_coordinator_rescans_quickly_again_when_a_submission_arrives(make_c
     with beating(c.root, "w1"), beating(c.root, "w2"):
         during = asyncio.run(go())
     assert slowed_down_then_hot_again(during, interval), during
+
+
+def test_gather_does_not_wait_out_its_timeout_for_a_live_peer_whose_file_is_bad(make_cfg):
+    """A live peer's rollouts file that does not parse is there all the same: the gather ends
+    once it is listed (the sampler passes over it) instead of waiting GATHER_TIMEOUT for it
+    to become whole."""
+    import time
+
+    from conftest import write_peer
+    from sapod import paths
+    from sapod.peers import PeerTable
+    from sapod.state import StateReader
+    from sapod.worker import Worker
+
+    w = Worker(make_cfg("worker", "w1", watch_mode="poll", poll_interval=0.1, peer_timeout=60, gather_timeout=20))
+    for node in ("w1", "w2"):
+        write_peer(w.root, node, 1)
+    bad = paths.rollout_file(w.root, 0, 0, "w2")
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"schema": "sapod.rollouts/1", "node_id": "w')  # torn
+
+    async def go():
+        w.watcher = Watcher("poll", asyncio.get_running_loop())
+        w.table, w.reader = PeerTable(w.root, 60), StateReader(w.root)
+        t0 = time.monotonic()
+        result = await asyncio.wait_for(w._gather(0, 0), 30)
+        return result, time.monotonic() - t0
+
+    result, took = asyncio.run(go())
+    assert list(result.files) == ["w2"] and took < 5, took
