@@ -234,27 +234,31 @@ def main() -> int:
     configure_logging("json", "warning", stream=sys.stderr)
     results = []
     latency, append_latency = args.read_latency / 1000, args.append_latency / 1000
+    remote = bool(latency or append_latency)  # the nodes treat the folder as a network mount
     print(f"{'tasks':<12}{'mode':<8}{'procs':>6}{'reads':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
           f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
     for task, mode, procs, conc, n in ((t, m, int(k), int(c), int(x)) for t in tasks for m in args.modes.split(",")
                                        for k in args.processes.split(",")
-                                       for c in (args.read_concurrency.split(",") if latency or append_latency
-                                                 else ["1"])
+                                       for c in (args.read_concurrency.split(",") if remote else ["1"])
                                        for x in args.nodes.split(",")):
         r = bench(n, Run(args.rounds, mode, args.poll_interval, task, latency, conc, append_latency=append_latency),
                   args.dir, procs)
         results.append(r)
         p = r["per_node_round"]
         label = "file" if r["tasks"].endswith(".jsonl") else r["tasks"][:11]
-        at_once = f"{conc}x" if latency or append_latency else "local"
+        at_once = f"{conc}x" if remote else "local"
         print(f"{label:<12}{mode:<8}{procs:>6}{at_once:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}"
               f"{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}"
               f"{p['reads']:>8.1f}{p['listings']:>8.1f}", flush=True)
-    out = {"benchmark": "coordination", "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    emit({"benchmark": "coordination", "results": results}, args.json)
     return 0
+
+
+def emit(out: dict, path: Path | None) -> None:
+    """The results as one JSON line on stdout, and indented in ``path`` if given."""
+    if path:
+        path.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ staying bounded too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_coordination import Run, percentile, run_swarm, sums_file
+from bench_coordination import Run, emit, percentile, run_swarm, sums_file
 from sapod import paths
 from sapod.logs import configure_logging
 from sapod.progress import read_jsonl
@@ -125,10 +124,7 @@ def main() -> int:
               f"{t['fds']:>6}{t['threads']:>9}")
     print(f"peak RSS {r['peak_rss_mb']:.1f} MiB; shared folder at the end: {r['folder_files']} files, "
           f"{r['folder_bytes'] / 2**20:.1f} MiB")
-    out = {"benchmark": "long_run", "result": r}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
+    emit({"benchmark": "long_run", "result": r}, args.json)
     return 0
 
 

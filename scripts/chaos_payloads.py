@@ -63,12 +63,12 @@ class PayloadMaker:
         return out
 
     # -- rollouts folder -------------------------------------------------------
-    def _rollout(self, root: Path, r: int, kind: str, data: bytes, only_if_sampled: bool = True,
-                 node: str | None = None) -> Payload:
+    def _rollout(self, root: Path, r: int, kind: str, data: bytes, node: str | None = None) -> Payload:
+        """A file in the round's rollouts folder under a node's name: read only if sampled."""
         node = node or self._id()
         path = paths.rollout_file(root, r, 0, node)
         _write(path, data)
-        return Payload(kind, path, node, only_if_sampled)
+        return Payload(kind, path, node, examined_only_if_sampled=True)
 
     def p_torn(self, root: Path, r: int, real: list[str]) -> Payload:
         node = self._id()
