@@ -233,9 +233,15 @@ def test_late_joiner_starts_at_the_open_round(make_cfg):
         f = paths.metrics_file(root, node)
         return read_rows(f) if f.exists() else []
 
+    def open_round() -> int:
+        state = StateReader(root).read()
+        return -1 if state is None else state.round
+
     async def go():
         tasks = [asyncio.create_task(coord.run()), asyncio.create_task(w1.run())]
-        while len(rows("w1")) < 2:
+        # w1 has trained two rounds and the coordinator has moved on: round 2 or later is open
+        # (w1's records are appended in the background, so a row can land before the round closes).
+        while len(rows("w1")) < 2 or open_round() < 2:
             await asyncio.sleep(0.05)
         tasks.append(asyncio.create_task(w2.run()))
         while not rows("w2"):
