@@ -10,17 +10,18 @@ Exit 0 when no check failed, 1 when one did, 2 for bad usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from sapod import watch
 from sapod.config import add_arguments, build_config
 from sapod.errors import ConfigError, Rejected
 from sapod.store import atomic_write_json, read_json
@@ -98,36 +99,29 @@ def check_fsync_folder(scratch: Path) -> Check:
 
 
 def check_inotify(scratch: Path) -> Check:
+    """A local write seen through the watcher the nodes use (inotify read on an event loop)."""
     name = "inotify"
-    try:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers.inotify import InotifyObserver
-    except Exception as exc:  # no inotify on this platform
-        return Check(name, "warn", f"unavailable ({type(exc).__name__}); nodes will poll")
-    seen = threading.Event()
-
-    class Handler(FileSystemEventHandler):
-        def on_any_event(self, event: object) -> None:
-            seen.set()
-
+    if watch.IN is None:  # no inotify on this platform
+        return Check(name, "warn", "unavailable; nodes will poll")
     folder = scratch / "watched"
-    observer = None
+
+    async def look() -> tuple[bool, float, str | None]:
+        w = watch.Watcher("inotify", asyncio.get_running_loop())
+        try:
+            w.watch([folder])
+            t0 = time.monotonic()
+            (folder / "event.json").write_bytes(b"{}")
+            got = await w.wait(INOTIFY_WAIT)
+            return got, (time.monotonic() - t0) * 1000, w.error
+        finally:
+            w.close()
+
     try:
-        folder.mkdir()
-        observer = InotifyObserver()
-        observer.daemon = True
-        observer.schedule(Handler(), str(folder), recursive=False)
-        observer.start()
-        t0 = time.monotonic()
-        (folder / "event.json").write_bytes(b"{}")
-        got = seen.wait(INOTIFY_WAIT)
-        ms = (time.monotonic() - t0) * 1000
-    except Exception as exc:  # watchdog raises OSError or its own errors when inotify is refused
+        got, ms, error = asyncio.run(look())
+    except OSError as exc:
         return Check(name, "warn", f"cannot watch: {_err(exc)}; nodes will poll")
-    finally:
-        if observer is not None:
-            observer.stop()
-            observer.join(timeout=2)
+    if error is not None:
+        return Check(name, "warn", f"cannot watch: {error}; nodes will rescan every POLL_INTERVAL")
     if not got:
         return Check(name, "warn", f"no event for a local write within {INOTIFY_WAIT:g} s; use WATCH_MODE=poll")
     # Even when it works, inotify never sees writes made by other machines on a shared mount.

@@ -64,6 +64,7 @@ class Node:
         self.records = RecordBuffer()
         self._appending: asyncio.Task[None] | None = None  # this node's records being appended
         self._wd_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None  # wakes the watcher when stop is set
         # How stale a cached view of peers/ may be: heartbeats move only this often.
         self.peer_refresh_age = min(cfg.heartbeat_interval, cfg.peer_timeout / 4)
         self._hot_until = 0.0
@@ -115,6 +116,7 @@ class Node:
         self.io_ok()
         self.registered.set()
         self.watcher = Watcher(self.watch_mode, asyncio.get_running_loop())
+        self._stop_task = asyncio.create_task(self._wake_on_stop(), name=f"stop-{self.node_id}")
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking file work: in a thread on network and FUSE mounts, where one call can
@@ -141,7 +143,7 @@ class Node:
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
-        for task in (self._hb_task, self._wd_task):
+        for task in (self._hb_task, self._wd_task, self._stop_task):
             if task is None:
                 continue
             task.cancel()
@@ -367,12 +369,13 @@ class Node:
         rescan = self.cfg.poll_interval
         if self.watch_mode == "poll" and time.monotonic() < self._hot_until:
             rescan /= 8
-        timeout = rescan if timeout is None else min(timeout, rescan)
-        stop = asyncio.ensure_future(self.stop.wait())
-        woke = asyncio.ensure_future(self.watcher.wait(timeout))
-        try:
-            await asyncio.wait({stop, woke}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (stop, woke):
-                t.cancel()
+        if not self.stop.is_set():  # a stop request wakes the watcher (_wake_on_stop)
+            await self.watcher.wait(rescan if timeout is None else min(timeout, rescan))
         self.check_displaced()
+
+    async def _wake_on_stop(self) -> None:
+        """One waiter on the stop request for the node's life, so that each wait_event is a
+        single future (a node waits a few times a round, N nodes in a process N times that)."""
+        await self.stop.wait()
+        if self.watcher is not None:
+            self.watcher.wake()

@@ -1,4 +1,4 @@
-"""File events as hints: watchdog (inotify) bridged onto the event loop, or none.
+"""File events as hints: inotify read on the event loop, or none.
 
 Events only wake the loop early; the node always re-reads what it needs and
 rescans every POLL_INTERVAL anyway, because inotify never sees writes made by
@@ -11,36 +11,19 @@ one I/O error).
 from __future__ import annotations
 
 import asyncio
-import functools
+import ctypes
 import itertools
 import os
-import threading
+import struct
 from pathlib import Path
-from typing import Any
 
 from sapod.logs import get_logger
 
-# inotify also reports reads (open, close without writing). Every node re-reads the
-# folder it watches when woken, so waking on reads would have nodes wake each other
-# in a loop.
-READ_EVENTS = frozenset({"opened", "closed_no_write"})
-
-
-@functools.cache  # one list per process: every watch of every node passes the same
-def _event_filter() -> tuple | None:
-    """The events that can mean new data: a file or folder created, moved in, deleted, or
-    closed after writing (a writer that does not rename). Given to watchdog, it narrows the
-    kernel's inotify mask, so reads, in-place modifications and attribute changes (every
-    node reading every peer's file) never reach the observer thread. None where watchdog
-    has no such classes (every event then arrives and READ_EVENTS are dropped here)."""
-    try:
-        from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent,
-                                     FileCreatedEvent, FileDeletedEvent, FileMovedEvent)
-    except ImportError:  # pragma: no cover - older watchdog
-        return None
-    return (FileCreatedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent, DirCreatedEvent,
-            DirMovedEvent, DirDeletedEvent)
-
+try:  # watchdog's libc bindings; the events are read here, on the event loop (see _Inotify)
+    from watchdog.observers.inotify_c import InotifyConstants as IN
+    from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
+except Exception:  # noqa: BLE001 - not Linux, or a libc without inotify: poll mode only
+    IN = None
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "9p", "afs", "ceph", "glusterfs", "lustre",
               "davfs", "sshfs", "virtiofs")
@@ -76,171 +59,157 @@ def pick_watch_mode(requested: str, shared: Path, mounts: str = "/proc/self/moun
     fstype = mount_fstype(shared, mounts)
     if is_remote(fstype):
         return "poll", f"{fstype} mount"
-    try:
-        from watchdog.observers.inotify import InotifyObserver  # noqa: F401
-    except Exception:  # pragma: no cover - platforms without inotify
+    if IN is None:  # pragma: no cover - platforms without inotify
         return "poll", "inotify unavailable"
     return "inotify", f"{fstype} mount"
 
 
 _SERIALS = itertools.count()
 
+# What can mean new data: a file or folder created, moved in or out, deleted, or closed
+# after writing (a writer that does not rename); and the watched folder itself going.
+# Not reads (open, close without writing), in-place modifications or attribute changes:
+# every node reads every peer's file, and waking on reads would have nodes wake each
+# other in a loop.
+_MASK = 0 if IN is None else (IN.IN_CREATE | IN.IN_MOVED_TO | IN.IN_MOVED_FROM | IN.IN_DELETE | IN.IN_CLOSE_WRITE
+                               | IN.IN_DELETE_SELF | IN.IN_MOVE_SELF | IN.IN_ONLYDIR)
+_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 
-def _hidden(name: str | bytes) -> bool:
-    return name.startswith("." if isinstance(name, str) else b".")
+
+def _hidden(name: bytes) -> bool:
+    return name.startswith(b".")
 
 
 class _Folder:
-    """The one watchdog handler of a watched folder: wakes every Watcher subscribed to it.
+    """One watched folder of an event loop's inotify instance, shared by every Watcher of
+    that loop that watches it: an event costs one look here however many nodes watch."""
 
-    An event costs one call here however many nodes watch the folder, and at most one
-    hop onto each event loop until that loop has run it: a round's files make dozens of
-    events, and with one handler (and one wake-up) per node per event, N nodes in one
-    process would do N x events work on the observer's thread and the loop.
-    """
-
-    def __init__(self) -> None:
-        self.by_loop: dict[asyncio.AbstractEventLoop, set[Watcher]] = {}
-        self._scheduled: set[asyncio.AbstractEventLoop] = set()  # loops with a wake-up pending
+    def __init__(self, path: str, wd: int) -> None:
+        self.path, self.wd = path, wd
+        self.watchers: set[Watcher] = set()
         self.serial = next(_SERIALS)  # never reused, unlike id(): see folder_version
         self.changes = 0  # events that passed the filters
 
-    @property
-    def watchers(self) -> set[Watcher]:
-        return set().union(*self.by_loop.values())
 
-    @property
-    def loops(self) -> dict[asyncio.AbstractEventLoop, int]:
-        """Subscribers per event loop."""
-        return {loop: len(ws) for loop, ws in self.by_loop.items()}
+class _Inotify:
+    """One inotify instance per event loop, read on the loop itself (``add_reader``).
 
-    def subscribe(self, w: Watcher) -> None:
-        self.by_loop.setdefault(w.loop, set()).add(w)
-
-    def unsubscribe(self, w: Watcher) -> None:
-        mine = self.by_loop.get(w.loop, set())
-        mine.discard(w)
-        if not mine:
-            self.by_loop.pop(w.loop, None)
-
-    # watchdog's dispatch protocol (runs on the observer's thread)
-    def dispatch(self, event: Any) -> None:
-        if event.event_type in READ_EVENTS:
-            return
-        # A hidden name is one of our temp files (or an .nfs leftover): creating and writing it
-        # means nothing yet; the rename that publishes it arrives as a move to the real name.
-        names = (os.path.basename(event.src_path), os.path.basename(getattr(event, "dest_path", "") or ""))
-        if all(not name or _hidden(name) for name in names):
-            return
-        self.changes += 1
-        for loop in tuple(self.by_loop):
-            # Set before the hop is scheduled, cleared by the hop before it wakes anyone:
-            # an event that finds it set is followed by a wake-up that sees its effect.
-            if loop not in self._scheduled:
-                self._scheduled.add(loop)
-                try:
-                    loop.call_soon_threadsafe(self._wake, loop)
-                except RuntimeError:  # that loop is closed
-                    self._scheduled.discard(loop)
-
-    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._scheduled.discard(loop)
-        for w in tuple(self.by_loop.get(loop, ())):
-            w.wake()
-
-
-class _SharedObserver:
-    """One inotify observer per process, shared by every node in it.
-
-    watchdog opens one inotify instance per watched folder, and a user may hold only
-    128 of them: with one observer per node, a box running many nodes would run out.
-    Shared, the nodes watching the same folder (the state folder, this round's
-    rollouts) share one watch and one handler (a _Folder), dropped when its last
-    node lets go.
+    No threads: the kernel queues a folder's events on one descriptor, and the loop
+    reads them when it is readable, between its other callbacks. (watchdog's observer
+    passes each event through three threads and two queues before a handler could hop
+    back onto the loop; with many nodes in a process that traffic, and the threads'
+    contention for the interpreter, cost more than the nodes' own file work.) A user may
+    hold only 128 inotify instances; a loop holds one, however many nodes it runs.
     """
 
-    _lock = threading.Lock()
-    _observer: Any = None
-    _watches: dict[str, tuple[Any, _Folder]] = {}
-    _users = 0
+    _by_loop: dict[asyncio.AbstractEventLoop, _Inotify] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        fd = inotify_init()
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init: {os.strerror(err)}")
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        self.fd, self.loop = fd, loop
+        self.folders: dict[str, _Folder] = {}
+        self._by_wd: dict[int, _Folder] = {}
+        self.users = 0
+        self.closed = False
+        loop.add_reader(fd, self._readable)
 
     @classmethod
-    def _start(cls) -> Any:
-        from watchdog.observers.inotify import InotifyObserver
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Inotify:
+        for gone in [lp for lp in cls._by_loop if lp.is_closed()]:  # a loop closed with watches open
+            cls._by_loop.pop(gone).close()
+        inst = cls._by_loop.get(loop)
+        if inst is None or inst.closed:
+            inst = cls._by_loop[loop] = cls(loop)
+        return inst
 
-        observer = InotifyObserver()
-        observer.daemon = True
-        observer.start()
-        return observer
+    def add(self, watcher: Watcher, folder: str) -> None:
+        f = self.folders.get(folder)
+        if f is None:
+            Path(folder).mkdir(parents=True, exist_ok=True)  # a watch needs the folder
+            wd = inotify_add_watch(self.fd, os.fsencode(folder), _MASK)
+            if wd < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"inotify_add_watch: {os.strerror(err)}", folder)
+            # The same folder under another name (a symlink) is the same watch.
+            f = self._by_wd.get(wd) or _Folder(folder, wd)
+            self._by_wd[wd] = self.folders[folder] = f
+        f.watchers.add(watcher)
 
-    @classmethod
-    def _schedule(cls, handler: _Folder, folder: str) -> Any:
-        events = _event_filter()
-        if events is not None:
+    def remove(self, watcher: Watcher, folder: str) -> None:
+        f = self.folders.get(folder)
+        if f is None:
+            return
+        f.watchers.discard(watcher)
+        if not f.watchers:
+            self._drop(f)
+            inotify_rm_watch(self.fd, f.wd)  # an error means the watch is gone already
+
+    def _drop(self, f: _Folder) -> list[str]:
+        """Forget ``f`` and the names it was watched under (returned)."""
+        names = [name for name, g in self.folders.items() if g is f]
+        for name in names:
+            del self.folders[name]
+        if self._by_wd.get(f.wd) is f:
+            del self._by_wd[f.wd]
+        return names
+
+    def _readable(self) -> None:
+        woken: set[Watcher] = set()
+        while True:
             try:
-                return cls._observer.schedule(handler, folder, recursive=False, event_filter=events)
-            except TypeError:  # a watchdog without event_filter: all events, filtered in dispatch
-                pass
-        return cls._observer.schedule(handler, folder, recursive=False)
+                buf = os.read(self.fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # nothing left to read from: everyone rescans now and
+                get_logger().warning("inotify_failed", error=str(exc))  # moves to a new one
+                for f in self._by_wd.values():
+                    woken |= f.watchers
+                self.close()
+                break
+            self._parse(buf, woken)
+        for w in woken:
+            w.wake()
 
-    @classmethod
-    def acquire(cls) -> None:
-        with cls._lock:
-            if cls._observer is None:
-                cls._observer = cls._start()
-            cls._users += 1
+    def _parse(self, buf: bytes, woken: set[Watcher]) -> None:
+        i, end = 0, len(buf)
+        while i + 16 <= end:
+            wd, mask, _, length = _HEADER.unpack_from(buf, i)
+            name = buf[i + 16:i + 16 + length].rstrip(b"\0")
+            i += 16 + length
+            if mask & IN.IN_Q_OVERFLOW:  # events were lost: everyone looks again
+                for f in self._by_wd.values():
+                    f.changes += 1
+                    woken |= f.watchers
+                continue
+            f = self._by_wd.get(wd)
+            if f is None:
+                continue
+            if mask & IN.IN_IGNORED:  # the folder went (or its watch was removed)
+                for name in self._drop(f):
+                    for w in f.watchers:
+                        w.lost(name)
+            elif name and _hidden(name):
+                # One of our temp files (or an .nfs leftover): creating and writing it means
+                # nothing yet; the rename that publishes it arrives as a move to the real name.
+                continue
+            f.changes += 1
+            woken |= f.watchers
 
-    @classmethod
-    def release(cls) -> None:
-        with cls._lock:
-            cls._users -= 1
-            if cls._users == 0 and cls._observer is not None:
-                cls._observer.stop()
-                cls._observer.join(timeout=2)
-                cls._observer, cls._watches = None, {}
-
-    @classmethod
-    def revive(cls) -> bool:
-        """Restart a dead observer thread with every watch it had. True if it was dead.
-
-        The observer thread can die (an inotify error, a watched folder vanishing under
-        it); without this, file events would stop for good and only rescans be left.
-        """
-        with cls._lock:
-            if cls._observer is None or cls._observer.is_alive():
-                return False
-            old, cls._observer = cls._observer, cls._start()
-            watches, cls._watches = cls._watches, {}
-            for folder, (_, handler) in watches.items():
-                try:
-                    cls._watches[folder] = (cls._schedule(handler, folder), handler)
-                except OSError:
-                    pass  # the folder is gone; the node re-watches what it needs
-        try:
-            old.stop()
-        except Exception:  # noqa: BLE001 - a dead observer may fail to stop; it is already gone
-            pass
-        return True
-
-    @classmethod
-    def add(cls, watcher: Watcher, folder: str) -> None:
-        with cls._lock:
-            if folder not in cls._watches:
-                Path(folder).mkdir(parents=True, exist_ok=True)  # a watch needs the folder
-                handler = _Folder()
-                cls._watches[folder] = (cls._schedule(handler, folder), handler)
-            cls._watches[folder][1].subscribe(watcher)
-
-    @classmethod
-    def remove(cls, watcher: Watcher, folder: str) -> None:
-        with cls._lock:
-            if cls._observer is None or folder not in cls._watches:
-                return
-            watch, handler = cls._watches[folder]
-            handler.unsubscribe(watcher)
-            if not handler.by_loop:
-                del cls._watches[folder]
-                cls._observer.unschedule(watch)
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._by_loop.get(self.loop) is self:
+            del self._by_loop[self.loop]
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+        os.close(self.fd)  # drops every watch with it
+        self.folders, self._by_wd = {}, {}
 
 
 def folder_version(folder: str) -> tuple[int, int] | None:
@@ -253,11 +222,11 @@ def folder_version(folder: str) -> tuple[int, int] | None:
     by that event and looks again). Events can be lost (a kernel queue overflow), so a
     reader should not trust an equal version for long.
     """
-    entry = _SharedObserver._watches.get(folder)
-    if entry is None or _SharedObserver._observer is None:
-        return None
-    handler = entry[1]
-    return handler.serial, handler.changes
+    for inst in tuple(_Inotify._by_loop.values()):
+        f = inst.folders.get(folder)
+        if f is not None:
+            return f.serial, f.changes
+    return None
 
 
 class Watcher:
@@ -266,54 +235,88 @@ class Watcher:
     def __init__(self, mode: str, loop: asyncio.AbstractEventLoop):
         self.mode = mode
         self.loop = loop
-        self._wake = asyncio.Event()
-        self._active = mode == "inotify"
+        self._woken = False
+        self._waiter: asyncio.Future[bool] | None = None
         self._folders: set[str] = set()
+        self._inotify: _Inotify | None = None
         self.degraded = False
+        self.error: str | None = None  # why, when degraded
         self._log = get_logger()
-        if self._active:
-            _SharedObserver.acquire()
+        if mode == "inotify":
+            try:
+                self._inotify = _Inotify.of(loop)
+                self._inotify.users += 1
+            except OSError as exc:  # e.g. the user's 128 inotify instances are taken
+                self.degraded, self.error = True, str(exc)
+                self._log.warning("inotify_unavailable", error=self.error)
 
     def wake(self) -> None:
         """On the loop's thread: something changed in a watched folder."""
-        self._wake.set()
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
+    def lost(self, folder: str) -> None:
+        """The watch of ``folder`` is gone (the folder was deleted or moved): the next
+        ``watch`` that names it watches it afresh."""
+        self._folders.discard(folder)
 
     def watch(self, folders: list[Path]) -> None:
         """Watch exactly these folders (creating them), dropping the others."""
-        if not self._active:
+        if self._inotify is None:
             return
+        if self._inotify.closed:
+            self._reattach()
         wanted = {str(f) for f in folders}
         if wanted == self._folders:
             return
         for old in self._folders - wanted:
             try:
-                _SharedObserver.remove(self, old)
-            except (KeyError, ValueError, OSError):
+                self._inotify.remove(self, old)
+            except OSError:
                 pass
             self._folders.discard(old)
         for folder in wanted - self._folders:
             try:
-                _SharedObserver.add(self, folder)
+                self._inotify.add(self, folder)
                 self._folders.add(folder)
             except OSError as exc:
                 # Without the watch the rescan still finds everything, only later.
-                self.degraded = True
-                self._log.warning("watch_failed", folder=folder, error=str(exc))
+                self.degraded, self.error = True, str(exc)
+                self._log.warning("watch_failed", folder=folder, error=self.error)
 
     async def wait(self, timeout: float) -> bool:
         """Until an event or ``timeout`` seconds; True if an event woke us."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            if self._active and _SharedObserver.revive():
-                self._log.warning("observer_restarted", folders=len(self._folders))
-            return False
-        finally:
-            self._wake.clear()
+        if not self._woken:
+            fut = self._waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, _expire, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._waiter = None
+        woke, self._woken = self._woken, False
+        if not woke and self._inotify is not None and self._inotify.closed:
+            self.watch([Path(f) for f in self._folders])  # on a new instance
+        return woke
+
+    def _reattach(self) -> None:
+        """The loop's inotify instance failed: move to a new one, watching nothing yet."""
+        assert self._inotify is not None
+        self._log.warning("inotify_restarted", folders=len(self._folders))
+        self._inotify.users -= 1
+        self._inotify, self._folders = _Inotify.of(self.loop), set()
+        self._inotify.users += 1
 
     def close(self) -> None:
-        if self._active:
+        if self._inotify is not None:
             self.watch([])
-            self._active = False
-            _SharedObserver.release()
+            inst, self._inotify = self._inotify, None
+            inst.users -= 1
+            if inst.users == 0:
+                inst.close()
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)

@@ -204,7 +204,7 @@ def check_run(h: Any, payloads: list, wall: float, ckpt_disk: str) -> dict[str, 
         "checkpoint_skipped_low_space": events["checkpoint_skipped_low_space"], "checkpoint_disk": ckpt_disk,
         "checkpoints_loadable": f"{loadable}/{len(workers)}", "checkpoint_tmp_leftovers": leftovers,
         "coordinator_takeovers": events["coordinating"], "displaced": events["displaced"],
-        "observer_restarts": events["observer_restarted"], "entries_ignored": events["entry_ignored"],
+        "inotify_restarts": events["inotify_restarted"], "entries_ignored": events["entry_ignored"],
         "rounds_with_external_groups": external, "non_json_log_lines": non_json,
     }
     if h.replicator is not None:
