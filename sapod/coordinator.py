@@ -17,7 +17,7 @@ import structlog
 from sapod import PROTOCOL, paths, schema
 from sapod.errors import Displaced, Rejected
 from sapod.housekeeping import round_folders, tidy_for
-from sapod.node import Node
+from sapod.node import Node, freeze_startup_heap
 from sapod.peers import PeerTable
 from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
@@ -36,6 +36,7 @@ class Coordinator(Node):
         state = await self.steady("takeover", self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
         book = RoundBook(state.round, state.stage)
+        freeze_startup_heap()
         opened = guard_due = time.monotonic()
         while not self.stop.is_set() and state.status == "open":
             self.round = state.round

@@ -9,6 +9,7 @@ exit code.
 from __future__ import annotations
 
 import asyncio
+import gc
 import errno
 import inspect
 import os
@@ -36,6 +37,15 @@ BACKOFF_MAX = 60.0  # seconds between retries of a failing shared folder, at mos
 STARTUP_TRIES = 5  # registration attempts on a folder that fails with a transient error
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT,
                               errno.EBUSY, errno.EINTR})
+
+
+def freeze_startup_heap() -> None:
+    """Start-up is over (imports, model, task generators): keep what exists now out of
+    the cyclic collector's way for good. A worker's imports (reasoning-gym, sympy,
+    datasets; torch and transformers) leave hundreds of thousands of long-lived objects
+    that every full collection would walk again, a pause of over 100 ms each time on a
+    small CPU, in the middle of a round. Garbage made from now on is collected as usual."""
+    gc.freeze()
 
 
 class Node:

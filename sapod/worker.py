@@ -24,7 +24,7 @@ from sapod.checkpoint import clear_stale_tmp, dir_bytes, free_bytes, latest_chec
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
 from sapod.executor import run_on_gpu
 from sapod.gather import GatherResult, choose_external, list_peer_rollouts, own_rollouts, rollouts_doc
-from sapod.node import Node
+from sapod.node import Node, freeze_startup_heap
 from sapod.peers import PeerTable
 from sapod.policy.loader import load_policy
 from sapod.sampling import round_seed
@@ -77,6 +77,7 @@ class Worker(Node):
         except ValueError as exc:
             raise StartupError(f"TASKS={self.cfg.tasks!r}: {exc}") from None
         await self._resume()
+        freeze_startup_heap()
         self.reader = StateReader(self.root, trust_stat=self.inline_io)
         self.table = PeerTable.shared(self.root, self.cfg.peer_timeout, concurrent=not self.inline_io)
         await self.progress("started", model=self.cfg.model, resumed_round=self.last_round)
