@@ -44,13 +44,17 @@ class Lane:
         self._lock = threading.Lock()
         self.running = 0  # calls in progress
 
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Hand ``fn(*args, **kwargs)`` over; the future (of the running loop) settles with it."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         ctx = contextvars.copy_context()
         self._ensure_started()
         self._queue.put((loop, fut, functools.partial(ctx.run, fn, *args, **kwargs)))
-        return await fut
+        return fut
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self.submit(fn, *args, **kwargs)
 
     def _ensure_started(self) -> None:
         if self._started < self.threads:
@@ -94,6 +98,26 @@ GPU = Lane("sapod-gpu", 1)
 WRITES = Lane("sapod-write", 4)
 # JSONL appends (a node has one batch in flight at a time, so its records stay in order).
 RECORDS = Lane("sapod-records", 4)
+
+
+async def first_done(*futures: asyncio.Future[Any]) -> None:
+    """Until one of ``futures`` is done: ``asyncio.wait(..., FIRST_COMPLETED)`` without its
+    tasks and sets, for waits a node makes every round (N nodes in a process, N times)."""
+    if any(f.done() for f in futures):
+        return
+    waiter = asyncio.get_running_loop().create_future()
+
+    def settle(_: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for f in futures:
+        f.add_done_callback(settle)
+    try:
+        await waiter
+    finally:
+        for f in futures:
+            f.remove_done_callback(settle)
 
 
 async def run_on_gpu(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -74,7 +74,9 @@ class Node:
         self.records = RecordBuffer()
         self._appending: asyncio.Task[None] | None = None  # this node's records being appended
         self._wd_task: asyncio.Task[None] | None = None
-        self._stop_task: asyncio.Task[None] | None = None  # wakes the watcher when stop is set
+        self._stop_task: asyncio.Task[None] | None = None  # settles `stopping` when stop is set
+        # Done once stop is set (from startup on): a future to race other work against.
+        self.stopping: asyncio.Future[None] | None = None
         # How stale a cached view of peers/ may be: heartbeats move only this often.
         self.peer_refresh_age = min(cfg.heartbeat_interval, cfg.peer_timeout / 4)
         self._hot_until = 0.0
@@ -126,7 +128,8 @@ class Node:
         self.io_ok()
         self.registered.set()
         self.watcher = Watcher(self.watch_mode, asyncio.get_running_loop())
-        self._stop_task = asyncio.create_task(self._wake_on_stop(), name=f"stop-{self.node_id}")
+        self.stopping = asyncio.get_running_loop().create_future()
+        self._stop_task = asyncio.create_task(self._on_stop(), name=f"stop-{self.node_id}")
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking file work: in a thread on network and FUSE mounts, where one call can
@@ -379,13 +382,16 @@ class Node:
         rescan = self.cfg.poll_interval
         if self.watch_mode == "poll" and time.monotonic() < self._hot_until:
             rescan /= 8
-        if not self.stop.is_set():  # a stop request wakes the watcher (_wake_on_stop)
+        if not self.stop.is_set():  # a stop request wakes the watcher (_on_stop)
             await self.watcher.wait(rescan if timeout is None else min(timeout, rescan))
         self.check_displaced()
 
-    async def _wake_on_stop(self) -> None:
-        """One waiter on the stop request for the node's life, so that each wait_event is a
-        single future (a node waits a few times a round, N nodes in a process N times that)."""
+    async def _on_stop(self) -> None:
+        """One waiter on the stop request for the node's life, so that each wait is a single
+        future, not a task per wait (a node waits a few times a round, N nodes in a process
+        N times that): it wakes the watcher and settles ``stopping``."""
         await self.stop.wait()
+        if self.stopping is not None and not self.stopping.done():
+            self.stopping.set_result(None)
         if self.watcher is not None:
             self.watcher.wake()

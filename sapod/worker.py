@@ -22,7 +22,7 @@ import structlog
 from sapod import paths, schema
 from sapod.checkpoint import clear_stale_tmp, dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
-from sapod.executor import run_on_gpu
+from sapod.executor import GPU, first_done, run_on_gpu
 from sapod.gather import GatherResult, choose_external, list_peer_rollouts, own_rollouts, rollouts_doc
 from sapod.node import Node, freeze_startup_heap
 from sapod.peers import PeerTable
@@ -168,10 +168,9 @@ class Worker(Node):
     # -- one round ------------------------------------------------------------------
     async def _gpu(self, fn: Any, *args: Any) -> Any:
         """GPU work that a stop waits for, but at most STOP_TIMEOUT longer."""
-        fut = asyncio.ensure_future(run_on_gpu(fn, *args))
-        stop = asyncio.ensure_future(self.stop.wait())
-        await asyncio.wait({fut, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
+        fut = GPU.submit(fn, *args)
+        assert self.stopping is not None
+        await first_done(fut, self.stopping)
         if not fut.done():
             done, _ = await asyncio.wait({fut}, timeout=self.cfg.stop_timeout)
             if not done:

@@ -73,3 +73,62 @@ def test_stop_iteration_from_a_call_is_an_error_not_a_hang():
 
     with pytest.raises(RuntimeError, match="StopIteration"):
         asyncio.run(go())
+
+
+def test_first_done_returns_with_the_first_future_and_leaves_no_callbacks():
+    """first_done returns once any future is done (at once if one already is), and takes
+    its callbacks off every future, whether it returns or is cancelled."""
+    from sapod.executor import first_done
+
+    def hooks(f: asyncio.Future) -> int:
+        return len(f._callbacks or ())  # the C Future shows none as None
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = loop.create_future(), loop.create_future()
+        loop.call_later(0.05, b.set_result, "b")
+        t0 = loop.time()
+        await first_done(a, b)
+        assert b.done() and not a.done() and loop.time() - t0 < 2.0
+        assert hooks(a) == 0 and hooks(b) == 0  # nothing left behind on the slow one
+        await asyncio.wait_for(first_done(a, b), 1.0)  # one already done: no wait at all
+        c = loop.create_future()
+        waiting = asyncio.ensure_future(first_done(a, c))
+        await asyncio.sleep(0.01)
+        assert hooks(a) == 1 and hooks(c) == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert hooks(a) == 0 and hooks(c) == 0
+        a.set_result(None)
+        c.cancel()
+
+    asyncio.run(go())
+
+
+def test_a_stop_waits_for_gpu_work_up_to_stop_timeout_then_abandons_it(make_cfg):
+    """A worker's GPU call under a stop request: one that ends within STOP_TIMEOUT gives its
+    result; one still running after it is abandoned (Stopping, gpu_abandoned) and the
+    worker does not wait for it any longer."""
+    from sapod.errors import Stopping
+    from sapod.worker import Worker
+
+    release = threading.Event()
+
+    async def go() -> tuple[str, float]:
+        worker = Worker(make_cfg(stop_timeout="0.5"))
+        loop = asyncio.get_running_loop()
+        worker.stopping = loop.create_future()
+        worker.stop.set()
+        worker.stopping.set_result(None)
+        quick = await worker._gpu(lambda: (time.sleep(0.1), "trained")[1])
+        t0 = loop.time()
+        with pytest.raises(Stopping):
+            await worker._gpu(release.wait, 10)
+        return quick, loop.time() - t0
+
+    try:
+        quick, waited = asyncio.run(go())
+    finally:
+        release.set()
+    assert quick == "trained" and 0.4 < waited < 3.0
