@@ -39,7 +39,7 @@ class GatherResult:
     rollouts: dict[str, Rollouts] = field(default_factory=dict)  # files read and well-formed
     rejected: dict[str, str] = field(default_factory=dict)  # files read and refused: peer -> reason
     gone: set[str] = field(default_factory=set)  # listed, but not there when read
-    listed: dict[str, tuple[str, int]] | None = None  # the listing last taken in (peer_files' result)
+    listed: Listing | None = None  # the listing last taken in (peer_files' result)
     invalid_items: int = 0
 
 
@@ -48,25 +48,50 @@ _ROLLOUTS_CACHE = WriteOnceCache()
 # Listings of rollouts folders, shared by the nodes of a process while inotify vouches for
 # them: folder -> (folder_version before listing, when, entries). Trusted for at most
 # LISTING_MAX_AGE seconds, in case events were lost.
-_LISTINGS: dict[str, tuple[tuple[int, int], float, dict[str, tuple[str, int]]]] = {}
+_LISTINGS: dict[str, tuple[tuple[int, int], float, Listing]] = {}
 LISTING_MAX_AGE = 0.25
 _LISTINGS_LOCK = threading.Lock()
 
 
-def peer_files(directory: Path) -> dict[str, tuple[str, int]]:
+class Listing(dict[str, tuple[str, int]]):
+    """A folder's entries (node id -> (path, inode)), and which of them differ from the
+    listing of the same folder taken just before it (``previous``; one step kept).
+
+    N nodes waiting in one process each take in every new listing of the round's
+    folder; with the difference computed once here, each takes in only what changed
+    instead of comparing all N entries (N x N work a round, for each burst of files)."""
+
+    previous: Listing | None = None
+    changed: frozenset[str] = frozenset()
+
+    def changes_since(self, older: Listing | None) -> frozenset[str] | None:
+        """The ids whose entries differ from ``older``'s, if ``older`` is the listing just
+        before this one (or this one); None when that is not known."""
+        if older is self:
+            return frozenset()
+        if older is not None and self.previous is older:
+            return self.changed
+        return None
+
+
+def peer_files(directory: Path) -> Listing:
     """``list_node_entries(directory)``, taken once for all the nodes of a process while
     no file event has come for the folder since (see ``watch.folder_version``): with N
     nodes in a process, N listings of N files per round become a few. Do not modify."""
     key = str(directory)
     version = folder_version(key)
     now = time.monotonic()
+    hit = _LISTINGS.get(key) if version is not None else None
+    if hit is not None and hit[0] == version and now - hit[1] < LISTING_MAX_AGE:
+        IO["listings_shared"] += 1  # a listing a node running alone would have made
+        return hit[2]
+    entries = Listing(list_node_entries(directory))
     if version is not None:
-        hit = _LISTINGS.get(key)
-        if hit is not None and hit[0] == version and now - hit[1] < LISTING_MAX_AGE:
-            IO["listings_shared"] += 1  # a listing a node running alone would have made
-            return hit[2]
-    entries = list_node_entries(directory)
-    if version is not None:
+        if hit is not None:
+            before = hit[2]
+            before.previous = None  # one step kept: older listings can go
+            entries.previous = before
+            entries.changed = frozenset(k for k, e in entries.items() if before.get(k) != e)
         with _LISTINGS_LOCK:  # file work may run on I/O threads
             if key not in _LISTINGS and len(_LISTINGS) >= 8:  # earlier rounds' folders
                 del _LISTINGS[next(iter(_LISTINGS))]
@@ -80,16 +105,16 @@ def list_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
     A file listed again under a new inode (replaced, or a FUSE mount's copy finished
     syncing) is read afresh if the sampler reaches it."""
     entries = peer_files(paths.rollouts_dir(root, round_, stage))
-    if entries is result.listed:  # the process's shared listing, already taken in
-        return
+    changed = entries.changes_since(result.listed)  # usually what a burst of files added
     result.listed = entries
-    # Set arithmetic, not a loop over the listing: a node wakes several times a round.
-    for node_id, entry in entries.items() - result.files.items():
-        if node_id != me:
-            result.files[node_id] = entry
-            result.rollouts.pop(node_id, None)
-            result.rejected.pop(node_id, None)
-            result.gone.discard(node_id)
+    for node_id in entries if changed is None else changed:
+        entry = entries.get(node_id)
+        if entry is None or node_id == me or result.files.get(node_id) == entry:
+            continue
+        result.files[node_id] = entry
+        result.rollouts.pop(node_id, None)
+        result.rejected.pop(node_id, None)
+        result.gone.discard(node_id)
 
 
 def load_peer_rollouts(result: GatherResult, peers: Sequence[str], round_: int, stage: int,

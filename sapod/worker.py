@@ -33,6 +33,7 @@ from sapod.state import StateReader, read_experiment
 from sapod.store import read_json
 from sapod.tasks import default_system_prompt, make_task_source
 from sapod.types import Group
+from sapod.watch import folder_version
 
 T = TypeVar("T")
 CHECKPOINT_HEADROOM = 1.2  # free space wanted, relative to the last checkpoint's size
@@ -296,21 +297,30 @@ class Worker(Node):
             return result
         self.watch(paths.rollouts_dir(self.root, r, s), paths.state_dir(self.root))
         deadline = time.monotonic() + self.cfg.gather_timeout
+        state_dir, state_seen = str(paths.state_dir(self.root)), None
         while True:
             await self.io(self.table.refresh, self.peer_refresh_age)
             had = len(result.files)
             await self.io(list_peer_rollouts, self.root, r, s, self.node_id, result)
             if len(result.files) > had:
                 self.poll_soon()  # peers are publishing: the rest are likely close behind
-            waiting = self.table.live("worker") - {self.node_id} - result.files.keys()
-            if not waiting:
-                break
+            live = self.table.live("worker")
+            # Fewer files than live peers: someone is missing, no need to find out who.
+            if len(result.files) >= len(live) - (self.node_id in live):
+                if not live - {self.node_id} - result.files.keys():
+                    break
             left = deadline - time.monotonic()
             if left <= 0:
+                waiting = live - {self.node_id} - result.files.keys()
                 self.log.warning("gather_timeout", waiting_for=sorted(waiting), have=sorted(result.files))
                 break
-            if await self.io(self._round_closed, r):
-                break
+            # Has the round closed under us (we are the straggler)? Not worth a look while
+            # inotify shows no change in the state folder since the last one.
+            version = folder_version(state_dir)
+            if version is None or version != state_seen:
+                state_seen = version
+                if await self.io(self._round_closed, r):
+                    break
             self._check_stop()
             await self.wait_event(left)
         return result

@@ -477,3 +477,51 @@ def test_gather_does_not_wait_out_its_timeout_for_a_live_peer_whose_file_is_bad(
 
     result, took = asyncio.run(go())
     assert list(result.files) == ["w2"] and took < 5, took
+
+
+def test_nodes_take_in_only_what_changed_between_shared_listings(tmp_path, monkeypatch):
+    """A new shared listing of a watched rollouts folder knows which entries differ from
+    the one before it (new files, a file replaced under a new inode); a node one listing
+    behind takes in just those, a node further behind compares everything, and both end
+    with every file listed."""
+    import sapod.gather as gather
+    from sapod import paths
+    from sapod.gather import GatherResult, list_peer_rollouts
+    from sapod.store import atomic_write_json
+
+    monkeypatch.setattr(gather, "LISTING_MAX_AGE", 30.0)
+    root = tmp_path / "exp"
+    folder = paths.rollouts_dir(root, 1, 0)
+
+    async def settled(w):
+        while await w.wait(0.2):
+            pass
+
+    async def go():
+        async with settled_watcher(folder) as w:
+            near, far = GatherResult(), GatherResult()
+            atomic_write_json(folder / "w2.json", {"n": 2})
+            await settled(w)
+            list_peer_rollouts(root, 1, 0, "me", near)
+            list_peer_rollouts(root, 1, 0, "me", far)
+            first = near.listed
+            atomic_write_json(folder / "w3.json", {"n": 3})
+            await settled(w)
+            list_peer_rollouts(root, 1, 0, "me", near)
+            second = near.listed
+            assert second.previous is first and second.changed == {"w3"}
+            atomic_write_json(folder / "w2.json", {"n": 22})  # replaced: a new inode
+            atomic_write_json(folder / "w4.json", {"n": 4})
+            atomic_write_json(folder / "me.json", {"n": 0})  # our own file is never a peer's
+            await settled(w)
+            list_peer_rollouts(root, 1, 0, "me", near)
+            third = near.listed
+            assert third.changes_since(second) == {"w2", "w4", "me"} and third.changes_since(first) is None
+            assert first.previous is None  # one step kept
+            list_peer_rollouts(root, 1, 0, "me", far)  # two listings behind: compares everything
+            assert far.listed is third
+            return near, far
+
+    near, far = asyncio.run(go())
+    assert near.files == far.files and set(near.files) == {"w2", "w3", "w4"}
+    assert near.files["w2"][1] == os.stat(folder / "w2.json").st_ino
