@@ -2,7 +2,7 @@
 
 Events only wake the loop early; the node always re-reads what it needs and
 rescans every POLL_INTERVAL anyway, because inotify never sees writes made by
-other machines on network mounts. In poll mode there is no observer at all: the
+other machines on network mounts. In poll mode nothing is watched at all: the
 rescan *is* the polling, and it reads only the few files the current phase needs
 (watchdog's PollingObserver would walk and stat whole trees, and stops for good on
 one I/O error).
