@@ -9,8 +9,8 @@ exit code.
 from __future__ import annotations
 
 import asyncio
-import gc
 import errno
+import gc
 import inspect
 import os
 import random

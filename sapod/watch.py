@@ -263,10 +263,10 @@ class Watcher:
 
     def watch(self, folders: list[Path]) -> None:
         """Watch exactly these folders (creating them), dropping the others."""
+        if self._inotify is not None and self._inotify.closed:
+            self._reattach()
         if self._inotify is None:
             return
-        if self._inotify.closed:
-            self._reattach()
         wanted = {str(f) for f in folders}
         if wanted == self._folders:
             return
@@ -301,20 +301,31 @@ class Watcher:
         return woke
 
     def _reattach(self) -> None:
-        """The loop's inotify instance failed: move to a new one, watching nothing yet."""
+        """The loop's inotify instance failed: move to a new one, watching nothing yet
+        (or to none, degraded, if no instance can be had: rescans go on)."""
         assert self._inotify is not None
-        self._log.warning("inotify_restarted", folders=len(self._folders))
         self._inotify.users -= 1
-        self._inotify, self._folders = _Inotify.of(self.loop), set()
+        self._inotify, self._folders = None, set()
+        try:
+            self._inotify = _Inotify.of(self.loop)
+        except OSError as exc:
+            self.degraded, self.error = True, str(exc)
+            self._log.warning("inotify_unavailable", error=self.error)
+            return
         self._inotify.users += 1
+        self._log.warning("inotify_restarted")
 
     def close(self) -> None:
-        if self._inotify is not None:
-            self.watch([])
-            inst, self._inotify = self._inotify, None
-            inst.users -= 1
-            if inst.users == 0:
-                inst.close()
+        inst, self._inotify = self._inotify, None
+        if inst is None:
+            return
+        if not inst.closed:
+            for folder in self._folders:
+                inst.remove(self, folder)
+        self._folders = set()
+        inst.users -= 1
+        if inst.users == 0:
+            inst.close()
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:

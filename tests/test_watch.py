@@ -525,3 +525,33 @@ def test_nodes_take_in_only_what_changed_between_shared_listings(tmp_path, monke
     near, far = asyncio.run(go())
     assert near.files == far.files and set(near.files) == {"w2", "w3", "w4"}
     assert near.files["w2"][1] == os.stat(folder / "w2.json").st_ino
+
+
+def test_no_new_inotify_instance_leaves_the_watcher_rescanning(tmp_path, monkeypatch):
+    """If the loop's inotify instance fails and no new one can be had (EMFILE: the user's
+    inotify instances are all taken), the watcher is degraded, says why, and its waits
+    go on timing out (the node rescans); nothing raises, and closing it is clean."""
+    import errno
+
+    from sapod import watch
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        w = Watcher("inotify", loop)
+        try:
+            w.watch([tmp_path / "a"])
+            watch._Inotify._by_loop[loop].close()  # as a failed read does
+
+            def refuse(self, loop):
+                raise OSError(errno.EMFILE, "Too many open files")
+
+            monkeypatch.setattr(watch._Inotify, "__init__", refuse)
+            assert await w.wait(0.05) is False
+            w.watch([tmp_path / "a", tmp_path / "b"])
+            assert await w.wait(0.05) is False
+            return w.degraded, w.error
+        finally:
+            w.close()
+
+    degraded, error = asyncio.run(go())
+    assert degraded and "Too many open files" in error
