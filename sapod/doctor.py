@@ -108,6 +108,7 @@ def check_inotify(scratch: Path) -> Check:
     async def look() -> tuple[bool, float, str | None]:
         w = watch.Watcher("inotify", asyncio.get_running_loop())
         try:
+            folder.mkdir(exist_ok=True)  # there even if the watcher cannot watch (it says why)
             w.watch([folder])
             t0 = time.monotonic()
             (folder / "event.json").write_bytes(b"{}")

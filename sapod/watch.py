@@ -84,8 +84,8 @@ class _Folder:
     """One watched folder of an event loop's inotify instance, shared by every Watcher of
     that loop that watches it: an event costs one look here however many nodes watch."""
 
-    def __init__(self, path: str, wd: int) -> None:
-        self.path, self.wd = path, wd
+    def __init__(self, wd: int) -> None:
+        self.wd = wd
         self.watchers: set[Watcher] = set()
         self.serial = next(_SERIALS)  # never reused, unlike id(): see folder_version
         self.changes = 0  # events that passed the filters
@@ -136,7 +136,7 @@ class _Inotify:
                 err = ctypes.get_errno()
                 raise OSError(err, f"inotify_add_watch: {os.strerror(err)}", folder)
             # The same folder under another name (a symlink) is the same watch.
-            f = self._by_wd.get(wd) or _Folder(folder, wd)
+            f = self._by_wd.get(wd) or _Folder(wd)
             self._by_wd[wd] = self.folders[folder] = f
         f.watchers.add(watcher)
 
