@@ -1,8 +1,7 @@
 """What every task source shares: the TaskSource protocol, the limits on what a peer may
 claim, and the checks that turn a bad claim into Rejected and nothing else.
 
-Torch-free; reasoning_gym is imported only where an answer is extracted or the system
-prompt is read.
+Torch-free; reasoning_gym is imported only where the system prompt is read.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from typing import Any, Protocol, runtime_checkable
 
 from sapod.errors import Rejected
@@ -74,12 +74,18 @@ def clamp_reward(value: Any) -> float:
     return min(1.0, max(0.0, r)) if math.isfinite(r) else 0.0
 
 
+# reasoning_gym.utils.extract_answer's pattern (tag "answer"), compiled once: it builds the
+# pattern and a list of match objects on every call, and a round scores every completion.
+_ANSWER = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
+
+
 def extract_answer(completion: Any) -> str | None:
+    """The stripped text of the last ``<answer>...</answer>``, as reasoning_gym extracts it;
+    None when there is none or the completion is not a string of at most MAX_COMPLETION_CHARS."""
     if not isinstance(completion, str) or len(completion) > MAX_COMPLETION_CHARS:
         return None
-    from reasoning_gym.utils import extract_answer as rg_extract
-
-    return rg_extract(completion)
+    answers = _ANSWER.findall(completion)
+    return answers[-1].strip() if answers else None
 
 
 def check_ints(seed: Any, index: Any, max_index: int) -> None:

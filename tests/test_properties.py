@@ -915,6 +915,23 @@ def test_extract_never_raises(completion):
         assert out is None
 
 
+ANSWER_TEXTS = st.lists(st.sampled_from(["<answer>", "</answer>", "<answer", "answer>", " ", "\n", "\t", "x", "42",
+                                         "<", ">", "/", "\u00e9"]), max_size=14).map("".join)
+
+
+@PROPS
+@given(ANSWER_TEXTS | COMPLETIONS)
+@example("<answer>3</answer>\n<answer> 4\n5\n</answer>")
+@example("<answer><answer> 5 </answer></answer>")
+@example("<answer>\t \n</answer>")
+def test_extract_matches_reasoning_gym(completion):
+    from reasoning_gym.utils import extract_answer as rg_extract
+
+    from sapod.taskbase import extract_answer
+
+    assert extract_answer(completion) == rg_extract(completion)
+
+
 # -- checkpoint.read_counters ---------------------------------------------------
 
 @st.composite
