@@ -327,7 +327,8 @@ class Node:
         previous, self.phase = self.phase, phase
         self.poll_soon()
         self.log.info("phase", phase=phase, previous=previous, **fields)
-        self.notifier.status(self._status_text())
+        if self.notifier.address:  # under systemd only
+            self.notifier.status(self._status_text())
         self.records.add(paths.events_file(self.root, self.node_id), {
             "ts": time.time(), "node_id": self.node_id, "instance": self.instance, "round": self.round,
             "phase": phase, "previous": previous, **fields})
