@@ -30,32 +30,59 @@ class StateReader:
         self._seen_file: tuple[int, int, int] | None = None
 
     def read(self) -> State | None:
-        # The pointer is replaced whole (new inode) on every change: on a local disk one
-        # stat tells whether there is anything new to read.
+        path = paths.state_file(self.root)
         if self.trust_stat:
+            # The pointer is replaced whole (new inode) on every change: on a local disk one
+            # stat tells whether there is anything new to read.
             try:
-                st = os.stat(paths.state_file(self.root))
+                st = os.stat(path)
                 ident: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
             except OSError:
                 ident = None
             if ident is not None and ident == self._seen_file:
                 return self.current
             self._seen_file = ident
-        try:
-            doc = read_json(paths.state_file(self.root))
-            if doc is None:
-                return self.current
-            state = parse_state(doc)
-        except Rejected as exc:
-            if exc.reason != self._last_reason:
-                self._last_reason = exc.reason
-                self._log.warning("state_file_rejected", reason=exc.reason)
+            got = _parsed_once(path, ident)
+        else:
+            got = _parse(path)
+        if got is None:
             return self.current
-        if self.current is not None and state.order < self.current.order:
-            self._log.debug("stale_state_ignored", seen=state.order, kept=self.current.order)
+        if isinstance(got, Rejected):
+            if got.reason != self._last_reason:
+                self._last_reason = got.reason
+                self._log.warning("state_file_rejected", reason=got.reason)
             return self.current
-        self.current = state
-        return state
+        if self.current is not None and got.order < self.current.order:
+            self._log.debug("stale_state_ignored", seen=got.order, kept=self.current.order)
+            return self.current
+        self.current = got
+        return got
+
+
+def _parse(path: Path) -> State | Rejected | None:
+    try:
+        doc = read_json(path)
+        return None if doc is None else parse_state(doc)
+    except Rejected as exc:
+        return exc
+
+
+# The pointer as parsed from one version of the file (path -> (inode, mtime, size), what it
+# held), shared by the readers of a process on a local disk: it changes once a round and
+# every node of a process (a demo, a benchmark) reads it then.
+_PARSED: dict[Path, tuple[tuple[int, int, int], State | Rejected]] = {}
+
+
+def _parsed_once(path: Path, ident: tuple[int, int, int] | None) -> State | Rejected | None:
+    if ident is None:
+        return _parse(path)
+    hit = _PARSED.get(path)
+    if hit is not None and hit[0] == ident:
+        return hit[1]
+    got = _parse(path)
+    if got is not None:  # gone since the stat: nothing to share
+        _PARSED[path] = (ident, got)
+    return got
 
 
 def read_experiment(root: Path) -> dict | None:

@@ -374,3 +374,31 @@ class StatePointer(RuleBasedStateMachine):
 
 TestStatePointer = StatePointer.TestCase
 TestStatePointer.settings = settings(MACHINE, max_examples=40, stateful_step_count=30)
+
+
+def test_readers_of_a_process_read_each_version_of_the_pointer_once(tmp_path: Path) -> None:
+    """On a local disk the nodes of a process share what one version of the file held; a
+    new version is read again, a bad one is refused by every reader, and each reader still
+    never moves backwards."""
+    readers = [StateReader(tmp_path, trust_stat=True) for _ in range(5)]
+    file = paths.state_file(tmp_path)
+    first = schema.State(0, 0, 1, 1, "open", 1.0, "c1", "i1")
+    store.atomic_write_json(file, schema.state_doc(first), durable=False)
+    reads = store.IO["reads"]
+    assert [r.read() for r in readers] == [first] * 5
+    assert store.IO["reads"] - reads == 1
+
+    second = schema.State(1, 0, 1, 2, "open", 2.0, "c1", "i1")
+    store.atomic_write_json(file, schema.state_doc(second), durable=False)
+    assert [r.read() for r in readers[:3]] == [second] * 3
+    assert store.IO["reads"] - reads == 2
+    store.atomic_write_bytes(file, b'{"torn', durable=False)  # readers 3 and 4 never saw `second`
+    assert [r.read() for r in readers] == [second] * 3 + [first] * 2
+    assert store.IO["reads"] - reads == 3
+    assert all(r._last_reason is not None and r._last_reason.startswith("not valid JSON") for r in readers)
+
+    file.unlink()  # gone: nothing is shared, each reader keeps what it had
+    assert [r.read() for r in readers] == [second] * 3 + [first] * 2
+    older = schema.State(0, 0, 1, 1, "open", 1.0, "c1", "i1")  # a stale copy shown again
+    store.atomic_write_json(file, schema.state_doc(older), durable=False)
+    assert [r.read() for r in readers] == [second] * 3 + [first] * 2
