@@ -22,7 +22,7 @@ from sapod.peers import PeerTable
 from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
-from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_files, read_each, read_json
+from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_entries, read_each, read_json
 
 
 class Coordinator(Node):
@@ -153,7 +153,7 @@ class Coordinator(Node):
 
     def _collect(self, book: RoundBook) -> None:
         folder = paths.rewards_dir(self.root, book.round, book.stage)
-        waiting = [(n, p) for n, p in list_node_files(folder).items() if not book.counted(n)]
+        waiting = [(n, p) for n, (p, _) in list_node_entries(folder).items() if not book.counted(n)]
         docs = read_each(lambda item: read_json(item[1], ROLLOUT_FILE_MAX), waiting, not self.inline_io)
         # Several at a time on a network mount: submissions land together at a round's end.
         for (node_id, _), doc in zip(waiting, docs):

@@ -19,7 +19,7 @@ from sapod import paths
 from sapod.errors import Rejected
 from sapod.logs import get_logger
 from sapod.schema import Peer, parse_peer
-from sapod.store import list_node_files, read_each, read_json
+from sapod.store import list_node_entries, read_each, read_json
 
 GONE = ("stopped", "finished")
 
@@ -78,9 +78,9 @@ class PeerTable:
         if self._refreshed_at is not None and now - self._refreshed_at < max_age:
             return
         self._refreshed_at = now
-        files = list(list_node_files(paths.peers_dir(self.root)).items())
+        files = [(node_id, path) for node_id, (path, _) in list_node_entries(paths.peers_dir(self.root)).items()]
 
-        def fetch(item: tuple[str, Path]) -> Peer | None:
+        def fetch(item: tuple[str, str]) -> Peer | None:
             doc = read_json(item[1])
             return None if doc is None else parse_peer(doc, item[0])
 
