@@ -4,7 +4,8 @@ policy in one process, on a local folder, with inotify and with polling.
 
 For each (mode, N) it runs a coordinator and N workers for R rounds and reports
 the per-round overhead (open to advance, on the coordinator's clock; round 0,
-which includes start-up, is left out) p50 / p95, rounds per second, and the
+which includes start-up, is left out) p50 / p95, rounds per second, the CPU time
+the swarm's processes spend per round (all their threads), and the
 shared-folder operations per node-round (files written, JSONL appends, reads,
 listings: each costs an API call on Drive). Prints a table, then one JSON line.
 
@@ -35,11 +36,14 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +104,52 @@ def mount_model(run: Run):
         store.set_read_concurrency(READ_CONCURRENCY)
 
 
+class CpuClock:
+    """CPU seconds used by this process and its worker processes, sampled every ``period``
+    seconds on a thread, to tell what the swarm's rounds cost in CPU between two wall-clock
+    times (the machine's other load moves the wall-clock figures far more than this)."""
+
+    def __init__(self, period: float = 0.02):
+        self.period = period
+        self.pids: list[int] = []
+        self.samples: list[tuple[float, float]] = []  # (time.time(), CPU seconds so far)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
+
+    def __enter__(self) -> CpuClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _children(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+                total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+            except (OSError, ValueError, IndexError):
+                pass  # exited, or no /proc
+        return total
+
+    def _run(self) -> None:
+        while not self._done.wait(self.period):
+            self.samples.append((time.time(), time.process_time() + self._children()))
+
+    def between(self, t0: float, t1: float) -> float:
+        """CPU seconds used from wall-clock time t0 to t1 (the nearest samples at or after each)."""
+        times = [t for t, _ in self.samples]
+        i, j = bisect_left(times, t0), bisect_left(times, t1)
+        if not self.samples or j >= len(self.samples) or i >= j:
+            return float("nan")
+        return self.samples[j][1] - self.samples[i][1]
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def node_config(shared: Path, role: str, node_id: str, run: Run) -> Config:
     return build_config({
         "shared": str(shared), "experiment": "bench", "model": "sapod:scripted", "max_rounds": str(run.rounds),
@@ -130,9 +180,10 @@ def run_workers(shared: str, ids: list[str], run: Run, counts: str) -> None:
     Path(counts).write_text(json.dumps(dict(IO)))
 
 
-def run_swarm(shared: Path, n: int, run: Run, processes: int = 1) -> tuple[float, dict]:
+def run_swarm(shared: Path, n: int, run: Run, processes: int = 1, cpu: CpuClock | None = None) -> tuple[float, dict]:
     """(wall seconds, operation counts). With ``processes`` > 1 the workers are dealt
-    out to that many child processes and the coordinator runs here, alone."""
+    out to that many child processes and the coordinator runs here, alone; ``cpu`` is
+    told their pids."""
     IO.clear()
     coord = Coordinator(node_config(shared, "coordinator", "coord", run))
     if processes <= 1:
@@ -146,6 +197,8 @@ def run_swarm(shared: Path, n: int, run: Run, processes: int = 1) -> tuple[float
                 for ids, f in zip(shares, files) if ids]
     for c in children:
         c.start()
+        if cpu is not None and c.pid is not None:
+            cpu.pids.append(c.pid)
     try:
         with mount_model(run):
             wall = run_loop(run_nodes([coord]))
@@ -165,11 +218,14 @@ def bench(n: int, run: Run, where: str | None = None, processes: int = 1) -> dic
     with tempfile.TemporaryDirectory(prefix="sapod-bench-", dir=where) as tmp:
         shared = Path(tmp) / "shared"
         shared.mkdir()
-        wall, ops = run_swarm(shared, n, run, processes)
+        with CpuClock() as cpu:
+            wall, ops = run_swarm(shared, n, run, processes, cpu)
         root = paths.experiment_root(shared, "bench")
         events = [e for e in read_jsonl(paths.progress_file(root, "coord")) if e.get("event") == "round_complete"]
     per_round = [float(e["seconds"]) for e in events[1:]]
     span = float(events[-1]["ts"]) - float(events[0]["ts"]) if len(events) > 1 else wall
+    cpu_per_round = (cpu.between(float(events[0]["ts"]), float(events[-1]["ts"])) / (len(events) - 1)
+                     if len(events) > 1 else float("nan"))
     node_rounds = n * run.rounds
     return {
         "mode": run.mode, "nodes": n, "rounds": run.rounds, "poll_interval": run.poll, "tasks": run.tasks or "default",
@@ -178,6 +234,8 @@ def bench(n: int, run: Run, where: str | None = None, processes: int = 1) -> dic
         "append_latency_ms": 1000 * run.append_latency,
         "overhead_p50_ms": 1000 * statistics.median(per_round), "overhead_p95_ms": 1000 * percentile(per_round, 0.95),
         "rounds_per_s": (len(events) - 1) / span if span > 0 else float("nan"), "wall_s": wall,
+        # CPU of every thread of the swarm's processes, per round after the first.
+        "cpu_ms_per_round": 1000 * cpu_per_round,
         # Nodes sharing this process read each peer file once between them (a process-wide
         # cache) and share listings that inotify vouches for; "reads" and "listings" count
         # what each node would do running alone, as on a real swarm.
@@ -236,6 +294,7 @@ def main() -> int:
     latency, append_latency = args.read_latency / 1000, args.append_latency / 1000
     remote = bool(latency or append_latency)  # the nodes treat the folder as a network mount
     print(f"{'tasks':<12}{'mode':<8}{'procs':>6}{'reads':>6}{'nodes':>6}{'p50 ms':>9}{'p95 ms':>9}{'rounds/s':>10}"
+          f"{'cpu ms':>8}"
           f"{'writes':>8}{'appends':>9}{'reads':>8}{'lists':>8}   (per node-round)")
     for task, mode, procs, conc, n in ((t, m, int(k), int(c), int(x)) for t in tasks for m in args.modes.split(",")
                                        for k in args.processes.split(",")
@@ -248,7 +307,8 @@ def main() -> int:
         label = "file" if r["tasks"].endswith(".jsonl") else r["tasks"][:11]
         at_once = f"{conc}x" if remote else "local"
         print(f"{label:<12}{mode:<8}{procs:>6}{at_once:>6}{n:>6}{r['overhead_p50_ms']:>9.1f}"
-              f"{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}{p['files_written']:>8.2f}{p['appends']:>9.2f}"
+              f"{r['overhead_p95_ms']:>9.1f}{r['rounds_per_s']:>10.2f}{r['cpu_ms_per_round']:>8.0f}"
+              f"{p['files_written']:>8.2f}{p['appends']:>9.2f}"
               f"{p['reads']:>8.1f}{p['listings']:>8.1f}", flush=True)
     emit({"benchmark": "coordination", "results": results}, args.json)
     return 0
