@@ -171,8 +171,10 @@ def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random
 
     def score(k: int) -> Group | None:
         node_id, slot = peers[k // per_peer], k % per_peer
-        load_peer_rollouts(result, (node_id,), round_, stage)
         rollouts = result.rollouts.get(node_id)
+        if rollouts is None:
+            load_peer_rollouts(result, (node_id,), round_, stage)
+            rollouts = result.rollouts.get(node_id)
         if rollouts is None or slot >= len(rollouts.distinct):
             return None
         claimed = rollouts.distinct[slot][1]

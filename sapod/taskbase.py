@@ -6,7 +6,6 @@ Torch-free; reasoning_gym is imported only where the system prompt is read.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -97,15 +96,25 @@ def check_ints(seed: Any, index: Any, max_index: int) -> None:
         raise Rejected(f"index out of range 0..{max_index}")
 
 
-@contextlib.contextmanager
-def only_rejections() -> Any:
-    """A check of peer data raises Rejected and nothing else."""
-    try:
-        yield
-    except Rejected:
-        raise
-    except Exception as e:
-        raise Rejected(f"check failed: {type(e).__name__}") from None
+class _OnlyRejections:
+    """A check of peer data raises Rejected and nothing else (a class, not a generator:
+    it wraps every peer item a node checks)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if kind is None or not issubclass(kind, Exception) or issubclass(kind, Rejected):
+            return False
+        raise Rejected(f"check failed: {kind.__name__}") from None
+
+
+_ONLY_REJECTIONS = _OnlyRejections()
+
+
+def only_rejections() -> _OnlyRejections:
+    """``with only_rejections(): ...``: any exception but Rejected becomes Rejected."""
+    return _ONLY_REJECTIONS
 
 
 def same_claim(item: TaskItem, question: Any, answer: Any, source: str) -> TaskItem:

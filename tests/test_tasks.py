@@ -492,3 +492,21 @@ def test_a_task_file_is_read_once_per_process_until_it_changes(jsonl_path, monke
     jsonl_path.write_text(jsonl_path.read_text() + json.dumps({"question": "1+1?", "answer": 2}) + "\n")
     c = make_task_source(str(jsonl_path))
     assert len(reads) == 2 and len(c) == 4 and len(a) == 3
+
+
+def test_only_rejections_turns_any_error_of_a_check_into_a_rejection() -> None:
+    from sapod.taskbase import only_rejections
+
+    with pytest.raises(Rejected, match="^check failed: KeyError$") as caught:
+        with only_rejections():
+            {}["missing"]
+    assert caught.value.__suppress_context__
+    with pytest.raises(Rejected, match="^seed out of range$"):
+        with only_rejections():
+            raise Rejected("seed out of range")
+    with pytest.raises(KeyboardInterrupt):  # not an error of the check: passes through
+        with only_rejections():
+            raise KeyboardInterrupt
+    with only_rejections():
+        value = 1
+    assert value == 1
