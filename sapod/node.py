@@ -39,13 +39,24 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.EAG
                               errno.EBUSY, errno.EINTR})
 
 
+# The cyclic collector's thresholds once start-up is over (CPython's are 700, 10, 10).
+# Nearly all of a round's garbage is freed by reference counting; what the collector
+# does at the default pace is walk the same surviving objects over and over: with 128
+# nodes in one process, 34 ms a round and full collections of 50 ms in mid-round, against
+# 7 ms a round and none with these (scripts/bench_coordination.py, 20 rounds). Cyclic
+# garbage still goes, a little later.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
 def freeze_startup_heap() -> None:
     """Start-up is over (imports, model, task generators): keep what exists now out of
-    the cyclic collector's way for good. A worker's imports (reasoning-gym, sympy,
-    datasets; torch and transformers) leave hundreds of thousands of long-lived objects
-    that every full collection would walk again, a pause of over 100 ms each time on a
-    small CPU, in the middle of a round. Garbage made from now on is collected as usual."""
+    the cyclic collector's way for good, and collect what comes after less often (see
+    GC_THRESHOLDS). A worker's imports (reasoning-gym, sympy, datasets; torch and
+    transformers) leave hundreds of thousands of long-lived objects that every full
+    collection would walk again, a pause of over 100 ms each time on a small CPU, in
+    the middle of a round."""
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Node:
