@@ -109,7 +109,7 @@ class CpuClock:
     seconds on a thread, to tell what the swarm's rounds cost in CPU between two wall-clock
     times (the machine's other load moves the wall-clock figures far more than this)."""
 
-    def __init__(self, period: float = 0.02):
+    def __init__(self, period: float = 0.01):
         self.period = period
         self.pids: list[int] = []
         self.samples: list[tuple[float, float]] = []  # (time.time(), CPU seconds so far)
@@ -117,12 +117,17 @@ class CpuClock:
         self._thread = threading.Thread(target=self._run, name="bench-cpu", daemon=True)
 
     def __enter__(self) -> CpuClock:
+        self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+        self._sample()  # after the last round, however short the run
+
+    def _sample(self) -> None:
+        self.samples.append((time.time(), time.process_time() + self._children()))
 
     def _children(self) -> float:
         total = 0.0
@@ -136,7 +141,7 @@ class CpuClock:
 
     def _run(self) -> None:
         while not self._done.wait(self.period):
-            self.samples.append((time.time(), time.process_time() + self._children()))
+            self._sample()
 
     def between(self, t0: float, t1: float) -> float:
         """CPU seconds used from wall-clock time t0 to t1 (the nearest samples at or after each)."""
