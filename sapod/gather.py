@@ -21,11 +21,11 @@ from sapod.errors import Rejected
 from sapod.logs import get_logger
 from sapod.sampling import select_external
 from sapod.schema import ROLLOUTS, Rollouts, envelope, parse_rollouts
-from sapod.store import (IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, node_entry, read_each,
-                         read_json, read_json_sized)
+from sapod.store import (IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_each, read_json,
+                         read_json_sized)
 from sapod.taskbase import TaskSource
 from sapod.types import Group, TaskItem
-from sapod.watch import folder_changes, folder_version
+from sapod.watch import folder_version
 
 
 @dataclass
@@ -76,61 +76,27 @@ class Listing(dict[str, tuple[str, int]]):
 
 def peer_files(directory: Path) -> Listing:
     """``list_node_entries(directory)``, taken once for all the nodes of a process while
-    no file event has come for the folder since (see ``watch.folder_version``), and
-    brought up to date from the events' names after (``watch.folder_changes``, one
-    lstat per name): with N nodes in a process, N listings of N files per round become
-    a few. Do not modify."""
+    no file event has come for the folder since (see ``watch.folder_version``): with N
+    nodes in a process, N listings of N files per round become a few. Do not modify."""
     key = str(directory)
     version = folder_version(key)
     now = time.monotonic()
     hit = _LISTINGS.get(key) if version is not None else None
-    if hit is not None and now - hit[1] < LISTING_MAX_AGE:
-        if hit[0] == version:
-            IO["listings_shared"] += 1  # a listing a node running alone would have made
-            return hit[2]
-        delta = folder_changes(key, hit[0])
-        if delta is not None:
-            IO["listings_updated"] += 1
-            entries = _updated(key, hit[2], delta[1])
-            _keep(key, delta[0], hit[1], entries)  # as old as the listing it started from
-            return entries
-    before = hit[2] if hit is not None else None
-    entries = _updated(key, before, None) if before is not None else Listing(list_node_entries(directory))
+    if hit is not None and hit[0] == version and now - hit[1] < LISTING_MAX_AGE:
+        IO["listings_shared"] += 1  # a listing a node running alone would have made
+        return hit[2]
+    entries = Listing(list_node_entries(directory))
     if version is not None:
-        _keep(key, version, now, entries)
+        if hit is not None:
+            before = hit[2]
+            before.previous = None  # one step kept: older listings can go
+            entries.previous = before
+            entries.changed = frozenset(k for k, e in entries.items() if before.get(k) != e)
+        with _LISTINGS_LOCK:  # file work may run on I/O threads
+            if key not in _LISTINGS and len(_LISTINGS) >= 8:  # earlier rounds' folders
+                del _LISTINGS[next(iter(_LISTINGS))]
+            _LISTINGS[key] = (version, now, entries)
     return entries
-
-
-def _updated(folder: str, before: Listing, names: list[str] | None) -> Listing:
-    """A new listing after ``before``: ``before`` changed at ``names``, or listed afresh
-    (``names`` None). Links it to ``before`` (one step kept: older listings can go)."""
-    if names is None:
-        entries = Listing(list_node_entries(Path(folder)))
-        changed = frozenset(k for k, e in entries.items() if before.get(k) != e)
-    else:
-        entries = Listing(before)
-        touched: set[str] = set()
-        for name in dict.fromkeys(names):
-            got = node_entry(folder, name)
-            if got is None:
-                continue
-            node, entry = got
-            if entry is None:
-                entries.pop(node, None)
-            else:
-                entries[node] = entry
-            touched.add(node)
-        changed = frozenset(k for k in touched if before.get(k) != entries.get(k))
-    before.previous = None
-    entries.previous, entries.changed = before, changed
-    return entries
-
-
-def _keep(key: str, version: tuple[int, int], listed_at: float, entries: Listing) -> None:
-    with _LISTINGS_LOCK:  # file work may run on I/O threads
-        if key not in _LISTINGS and len(_LISTINGS) >= 8:  # earlier rounds' folders
-            del _LISTINGS[next(iter(_LISTINGS))]
-        _LISTINGS[key] = (version, listed_at, entries)
 
 
 def list_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: GatherResult) -> None:

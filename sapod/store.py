@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import re
-import stat
 import threading
 import uuid
 from collections import Counter, OrderedDict
@@ -297,25 +296,6 @@ def list_node_entries(directory: Path) -> dict[str, tuple[str, int]]:
     except FileNotFoundError:
         return {}
     return found
-
-
-def node_entry(directory: str, name: str) -> tuple[str, tuple[str, int] | None] | None:
-    """One name of ``directory`` as ``list_node_entries`` would list it: ``(node_id,
-    (path, inode))``, or ``(node_id, None)`` when it is not there or not a regular file;
-    None for a name that is no node's file. One lstat, no listing."""
-    node = _node_of(name)
-    if node is None:
-        return None
-    failpoints.hit("list")
-    path = os.path.join(directory, name)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return node, None
-    if not stat.S_ISREG(st.st_mode):
-        _ignored(path, "symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file")
-        return node, None
-    return node, (path, st.st_ino)
 
 
 @functools.lru_cache(maxsize=16384)

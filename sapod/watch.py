@@ -84,26 +84,11 @@ class _Folder:
     """One watched folder of an event loop's inotify instance, shared by every Watcher of
     that loop that watches it: an event costs one look here however many nodes watch."""
 
-    JOURNAL_MAX = 4096  # names kept; a reader further behind lists the folder again
-
     def __init__(self, wd: int) -> None:
         self.wd = wd
         self.watchers: set[Watcher] = set()
         self.serial = next(_SERIALS)  # never reused, unlike id(): see folder_version
         self.changes = 0  # events that passed the filters
-        # The names those events were for: (changes before names[0], names). Replaced
-        # whole, never trimmed in place, so a reader on another thread sees one or the other.
-        self.journal: tuple[int, list[bytes]] = (0, [])
-
-    def changed(self, name: bytes | None) -> None:
-        """An event that passed the filters, for ``name`` (None: for the folder as a whole,
-        or lost events: whoever looks next must look at everything)."""
-        self.changes += 1
-        names = self.journal[1]
-        if name is None or len(names) >= self.JOURNAL_MAX:
-            self.journal = (self.changes, [])
-        else:
-            names.append(name)
 
 
 class _Inotify:
@@ -198,7 +183,7 @@ class _Inotify:
             i += 16 + length
             if mask & IN.IN_Q_OVERFLOW:  # events were lost: everyone looks again
                 for f in self._by_wd.values():
-                    f.changed(None)
+                    f.changes += 1
                     woken |= f.watchers
                 continue
             f = self._by_wd.get(wd)
@@ -212,7 +197,7 @@ class _Inotify:
                 # One of our temp files (or an .nfs leftover): creating and writing it means
                 # nothing yet; the rename that publishes it arrives as a move to the real name.
                 continue
-            f.changed(name or None)
+            f.changes += 1
             woken |= f.watchers
 
     def close(self) -> None:
@@ -241,24 +226,6 @@ def folder_version(folder: str) -> tuple[int, int] | None:
         f = inst.folders.get(folder)
         if f is not None:
             return f.serial, f.changes
-    return None
-
-
-def folder_changes(folder: str, since: tuple[int, int]) -> tuple[tuple[int, int], list[str]] | None:
-    """``(version, names)``: the names of the entries of ``folder`` that changed after
-    ``since`` (a ``folder_version`` value) up to ``version``, in the order the events
-    came, a name possibly more than once. None when that is not known (the folder is not
-    watched now, or under another watch; too far behind; events lost), and the folder
-    must be listed again."""
-    for inst in tuple(_Inotify._by_loop.values()):
-        f = inst.folders.get(folder)
-        if f is None:
-            continue
-        base, names = f.journal
-        now = base + len(names)
-        if f.serial != since[0] or not base <= since[1] <= now:
-            return None
-        return (f.serial, now), [os.fsdecode(n) for n in names[since[1] - base:now - base]]
     return None
 
 

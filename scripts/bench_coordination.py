@@ -249,9 +249,7 @@ def bench(n: int, run: Run, where: str | None = None, processes: int = 1) -> dic
                            "reads": (ops.get("reads", 0) + ops.get("cache_hits", 0)) / node_rounds,
                            "reads_in_process": ops.get("reads", 0) / node_rounds,
                            "listings": (ops.get("listings", 0) + ops.get("listings_shared", 0)) / node_rounds,
-                           "listings_in_process": ops.get("listings", 0) / node_rounds,
-                           # shared listings brought up to date from inotify's event names
-                           "listings_updated_in_process": ops.get("listings_updated", 0) / node_rounds},
+                           "listings_in_process": ops.get("listings", 0) / node_rounds},
     }
 
 
