@@ -44,7 +44,9 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.EAG
 # does at the default pace is walk the same surviving objects over and over: with 128
 # nodes in one process, 34 ms a round and full collections of 50 ms in mid-round, against
 # 7 ms a round and none with these (scripts/bench_coordination.py, 20 rounds). Cyclic
-# garbage still goes, a little later.
+# garbage still goes, a little later; a model's round makes none (generate and
+# train_step free every tensor by reference counting: tests/test_hf_policy.py), so no
+# GPU memory waits on the collector.
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
