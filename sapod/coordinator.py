@@ -15,9 +15,10 @@ from typing import Any
 import structlog
 
 from sapod import PROTOCOL, paths, schema
+from sapod.daemon import freeze_startup_heap
 from sapod.errors import Displaced, Rejected
 from sapod.housekeeping import round_folders, tidy_for
-from sapod.node import Node, freeze_startup_heap
+from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State

@@ -1,4 +1,5 @@
-"""Running one node as a process: event loop choice, signals, exit codes.
+"""Running one node as a process: event loop choice, signals, exit codes, and the
+cyclic collector once start-up is over.
 
 Signal handlers only set a flag; the node finishes or abandons its current phase
 within STOP_TIMEOUT, checkpoints if its model changed, writes a final heartbeat
@@ -8,6 +9,7 @@ and returns. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -19,6 +21,27 @@ from sapod.errors import Displaced, StartupError
 from sapod.logs import configure_logging, get_logger
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_START, EXIT_DISPLACED = 0, 1, 2, 3, 4
+
+# The cyclic collector's thresholds once start-up is over (CPython's are 700, 10, 10).
+# Nearly all of a round's garbage is freed by reference counting; what the collector
+# does at the default pace is walk the same surviving objects over and over: with 128
+# nodes in one process, 34 ms a round and full collections of 50 ms in mid-round, against
+# 7 ms a round and none with these (scripts/bench_coordination.py, 20 rounds). Cyclic
+# garbage still goes, a little later; a model's round makes none (generate and
+# train_step free every tensor by reference counting: tests/test_hf_policy.py), so no
+# GPU memory waits on the collector.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def freeze_startup_heap() -> None:
+    """Start-up is over (imports, model, task generators): keep what exists now out of
+    the cyclic collector's way for good, and collect what comes after less often (see
+    GC_THRESHOLDS). A worker's imports (reasoning-gym, sympy, datasets; torch and
+    transformers) leave hundreds of thousands of long-lived objects that every full
+    collection would walk again, a pause of over 100 ms each time on a small CPU, in
+    the middle of a round."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import inspect
 import os
 import random
@@ -37,28 +36,6 @@ BACKOFF_MAX = 60.0  # seconds between retries of a failing shared folder, at mos
 STARTUP_TRIES = 5  # registration attempts on a folder that fails with a transient error
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ENOTCONN, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT,
                               errno.EBUSY, errno.EINTR})
-
-
-# The cyclic collector's thresholds once start-up is over (CPython's are 700, 10, 10).
-# Nearly all of a round's garbage is freed by reference counting; what the collector
-# does at the default pace is walk the same surviving objects over and over: with 128
-# nodes in one process, 34 ms a round and full collections of 50 ms in mid-round, against
-# 7 ms a round and none with these (scripts/bench_coordination.py, 20 rounds). Cyclic
-# garbage still goes, a little later; a model's round makes none (generate and
-# train_step free every tensor by reference counting: tests/test_hf_policy.py), so no
-# GPU memory waits on the collector.
-GC_THRESHOLDS = (20_000, 20, 20)
-
-
-def freeze_startup_heap() -> None:
-    """Start-up is over (imports, model, task generators): keep what exists now out of
-    the cyclic collector's way for good, and collect what comes after less often (see
-    GC_THRESHOLDS). A worker's imports (reasoning-gym, sympy, datasets; torch and
-    transformers) leave hundreds of thousands of long-lived objects that every full
-    collection would walk again, a pause of over 100 ms each time on a small CPU, in
-    the middle of a round."""
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class Node:

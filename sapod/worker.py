@@ -21,10 +21,11 @@ import structlog
 
 from sapod import paths, schema
 from sapod.checkpoint import clear_stale_tmp, dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
+from sapod.daemon import freeze_startup_heap
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
 from sapod.executor import GPU, first_done, run_on_gpu
 from sapod.gather import GatherResult, choose_external, list_peer_rollouts, own_rollouts, rollouts_doc
-from sapod.node import Node, freeze_startup_heap
+from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.policy.loader import load_policy
 from sapod.sampling import round_seed

@@ -160,7 +160,7 @@ def test_train_on_own_generations_after_generate(policy):
 
 def test_a_round_of_generating_and_training_leaves_no_cyclic_garbage(policy):
     """Everything a round allocates is freed by reference counting, tensors included, so
-    the node's higher collector thresholds (node.GC_THRESHOLDS) hold no model memory
+    the node's higher collector thresholds (daemon.GC_THRESHOLDS) hold no model memory
     back: a full collection after each round finds nothing to collect."""
     import gc
 

@@ -54,6 +54,23 @@ def test_rounds_complete_and_every_contract_file_is_there(make_cfg):
     assert progress["nodes"]["w1"]["rounds_completed"] == 4 and progress["nodes"]["w1"]["finished"]
 
 
+def test_nodes_set_the_collector_once_started(make_cfg):
+    """Once a node has started, its start-up heap is frozen and the collector runs at
+    GC_THRESHOLDS."""
+    import gc
+
+    from sapod.daemon import GC_THRESHOLDS
+
+    default = (700, 10, 10)
+    gc.unfreeze()
+    gc.set_threshold(*default)
+    try:
+        assert run_nodes(*swarm(make_cfg, max_rounds=1)) == [None, None, None]
+        assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_sharing_uses_external_groups(make_cfg):
     """With J=2 workers train on groups from each other; with J=0 on none."""
     nodes = swarm(make_cfg, max_rounds=3)
