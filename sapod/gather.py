@@ -107,8 +107,8 @@ def list_peer_rollouts(root: Path, round_: int, stage: int, me: str, result: Gat
     entries = peer_files(paths.rollouts_dir(root, round_, stage))
     changed = entries.changes_since(result.listed)  # usually what a burst of files added
     result.listed = entries
-    if not result.files and not result.rollouts and not result.rejected and not result.gone:
-        result.files = dict(entries)  # the first look: everything listed is new
+    if not result.files:  # nothing taken in yet (read or not, a peer's file stays in files)
+        result.files = dict(entries)  # so everything listed is new
         result.files.pop(me, None)
         return
     for node_id in entries if changed is None else changed:

@@ -104,6 +104,9 @@ def mount_model(run: Run):
         store.set_read_concurrency(READ_CONCURRENCY)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 class CpuClock:
     """CPU seconds used by this process and its worker processes, sampled every ``period``
     seconds on a thread, to tell what the swarm's rounds cost in CPU between two wall-clock
@@ -150,9 +153,6 @@ class CpuClock:
         if not self.samples or j >= len(self.samples) or i >= j:
             return float("nan")
         return self.samples[j][1] - self.samples[i][1]
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def node_config(shared: Path, role: str, node_id: str, run: Run) -> Config:
