@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench_gpu_lib import SHAPES, build, err, free, gpt2_model_dir, peak_gib, say, sync
+from bench_gpu_lib import SHAPES, build, err, free, model_dir, peak_gib, say, sync
 
 ORIGINAL_S_PER_ROUND = 38.0  # the original RL Swarm's reported round time; not measured here
 VARIANTS = ("fp32", "bf16_autocast", "bf16", "bf16_static_compile")
@@ -175,53 +175,62 @@ def grpo(a, dev) -> dict:
 
 
 def node_round(a, dev) -> dict:
-    """sapod's own node-round on the GPT-2 model folder: HFPolicy.generate for I=2 questions x G=4
-    (the nine default tasks' prompts) plus one train_step on (I + J) x G = 16 completions, with
-    the default generation and with compile_generation (static cache; compiled on CUDA only)."""
+    """sapod's own node-round on a model folder of each shape: HFPolicy.generate for I=2 questions
+    x G=4 (the nine default tasks' prompts) plus one train_step on (I + J) x G = 16 completions, with
+    the default generation and with compile_generation (static cache; compiled on CUDA only). Each
+    repeat draws new questions, so a compiled run also meets new prompt lengths (new buckets)."""
     from sapod.policy.hf import HFPolicy
     from sapod.tasks import make_task_source
     from sapod.types import Group
 
-    tmp = Path(tempfile.mkdtemp(prefix="sapod-bench-"))
     out: dict = {}
-    try:
-        gpt2_model_dir(a, tmp)
-        source = make_task_source("")
-        for mode in ("default", "compile_generation"):
-            free(dev)
-            try:
-                policy = HFPolicy(str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
-                                  learning_rate=1e-6, device=str(dev), compile_generation=mode != "default")
-                gen_s, train_s, tokens = [], [], 0
-                for r in range(a.repeats + 1):  # round 0 warms up (and compiles)
-                    own, peers = source.sample(2, 100 + r), source.sample(2, 200 + r)
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    gen = policy.generate(own, 4, seed=r)
-                    sync(dev)
-                    t1 = time.perf_counter()
-                    # random weights earn nothing: alternate rewards so every group trains
-                    groups = [Group(item=i, completions=c, rewards=[1.0, 0.0, 1.0, 0.0], source="bench")
-                              for i, c in zip(own + peers, gen.completions * 2)]
-                    stats = policy.train_step(groups)
-                    sync(dev)
-                    gen_s.append(t1 - t0)
-                    train_s.append(time.perf_counter() - t1)
-                    tokens = gen.tokens
-                g, t = statistics.median(gen_s[1:]), statistics.median(train_s[1:])
-                out[mode] = {"generate_s": g, "train_s": t, "node_round_s": g + t, "first_generate_s": gen_s[0],
-                             "tokens_generated": tokens, "tokens_trained": int(stats["tokens"]),
-                             "peak_mem_gib": peak_gib(dev)}
-                say("node-round", mode, f"generate {g:.3f} s + train {t:.3f} s = {g + t:.3f} s",
-                    f"(first generate {gen_s[0]:.1f} s)")
-            except Exception as exc:
-                out[mode] = err(exc)
-                say("node-round", mode, out[mode])
-            policy = None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    free(dev)
+    source = make_task_source("")
+    for name in [m for m in SHAPES if m in a.models]:
+        tmp = Path(tempfile.mkdtemp(prefix="sapod-bench-"))
+        res = out[name] = {}
+        try:
+            model_dir(a, tmp, name)
+            for mode in ("default", "compile_generation"):
+                free(dev)
+                try:
+                    res[mode] = one_node_round(a, dev, HFPolicy(
+                        str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
+                        learning_rate=1e-6, device=str(dev), compile_generation=mode != "default"), source, Group,
+                        f"{name} {mode}")
+                    c = res[mode]
+                    say("node-round", name, mode, f"generate {c['generate_s']:.3f} s + train {c['train_s']:.3f} s "
+                        f"= {c['node_round_s']:.3f} s", f"(first generate {c['first_generate_s']:.1f} s)")
+                except Exception as exc:
+                    res[mode] = err(exc)
+                    say("node-round", name, mode, res[mode])
+                free(dev)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def one_node_round(a, dev, policy, source, group, label: str) -> dict:
+    gen_s, train_s, tokens, stats = [], [], 0, {}
+    for r in range(a.repeats + 1):  # round 0 warms up (and compiles)
+        own, peers = source.sample(2, 100 + r), source.sample(2, 200 + r)
+        sync(dev)
+        t0 = time.perf_counter()
+        gen = policy.generate(own, 4, seed=r)
+        sync(dev)
+        t1 = time.perf_counter()
+        # random weights earn nothing: alternate rewards so every group trains
+        groups = [group(item=i, completions=c, rewards=[1.0, 0.0, 1.0, 0.0], source="bench")
+                  for i, c in zip(own + peers, gen.completions * 2)]
+        stats = policy.train_step(groups)
+        sync(dev)
+        gen_s.append(t1 - t0)
+        train_s.append(time.perf_counter() - t1)
+        tokens = gen.tokens
+        say("node-round", label, f"round {r}: generate {gen_s[-1]:.3f} s, train {train_s[-1]:.3f} s")
+    g, t = statistics.median(gen_s[1:]), statistics.median(train_s[1:])
+    return {"generate_s": g, "train_s": t, "node_round_s": g + t, "first_generate_s": gen_s[0],
+            "generate_each_s": gen_s, "tokens_generated": tokens,
+            "tokens_trained": int(stats["tokens"]), "peak_mem_gib": peak_gib(dev)}
 
 
 def swarm(a, dev) -> dict:
@@ -230,12 +239,12 @@ def swarm(a, dev) -> dict:
     from sapod.progress import read_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="sapod-bench-"))
-    model_dir, shared, logs = tmp / "model", tmp / "shared", tmp / "logs"
+    model_path, shared, logs = tmp / "model", tmp / "shared", tmp / "logs"
     shared.mkdir()
     logs.mkdir()
-    parameters = gpt2_model_dir(a, model_dir)
+    parameters = model_dir(a, model_path)
     env = {k: v for k, v in os.environ.items() if k not in {o.env for o in OPTIONS}}  # no stray settings
-    env.update(GDRIVE_PATH=str(shared), EXPERIMENT_NAME="bench", MODEL_NAME=str(model_dir),
+    env.update(GDRIVE_PATH=str(shared), EXPERIMENT_NAME="bench", MODEL_NAME=str(model_path),
                MAX_ROUNDS=str(a.rounds), MAX_NEW_TOKENS=str(a.new_tokens), NUM_TRAIN_SAMPLES="2",
                NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", CHECKPOINT_INTERVAL=str(a.rounds),
                CHECKPOINT_KEEP="1", LOG_LEVEL="warning", DEVICE=dev.type, HF_HUB_OFFLINE="1",
@@ -354,12 +363,13 @@ def report(part: str, res: dict) -> None:
                                  if b != "skipped") or "skipped: " + cells["skipped"]
                 print(f"  {model:<14}{variant:<21}{line}")
     elif part == "node_round":
-        for mode, c in res.items():
-            if "error" in c:
-                print(f"  {mode:<20}{c['error'][:100]}")
-                continue
-            times = "  ".join(f"{k} {c[k]:.3f} s" for k in ("generate_s", "train_s", "node_round_s"))
-            print(f"  {mode:<20}{times}  (first generate {c['first_generate_s']:.1f} s)")
+        for model, modes in res.items():
+            for mode, c in modes.items():
+                if "error" in c:
+                    print(f"  {model:<14}{mode:<20}{c['error'][:100]}")
+                    continue
+                times = "  ".join(f"{k} {c[k]:.3f} s" for k in ("generate_s", "train_s", "node_round_s"))
+                print(f"  {model:<14}{mode:<20}{times}  (first generate {c['first_generate_s']:.1f} s)")
     elif part == "grpo":
         for model, precs in res.items():
             for prec, c in precs.items():

@@ -81,15 +81,15 @@ def make_tokenizer(vocab_size: int, corpus: list[str]):
                                    pad_token=eos, model_max_length=1024, clean_up_tokenization_spaces=False)
 
 
-def gpt2_model_dir(a, model_dir: Path) -> int:
-    """A GPT-2-124M-shaped model with random weights and a BPE tokenizer trained on task text, saved
+def model_dir(a, model_dir: Path, name: str = "gpt2-124m") -> int:
+    """A model of one of SHAPES with random weights and a BPE tokenizer trained on task text, saved
     as a model folder sapod loads by path (the nine default tasks' prompts). Its parameter count."""
     from sapod.tasks import make_task_source
 
     source = make_task_source("")
-    tok = make_tokenizer(SHAPES["gpt2-124m"][2 if a.smoke else 1]["vocab_size"],
+    tok = make_tokenizer(SHAPES[name][2 if a.smoke else 1]["vocab_size"],
                          [source.system_prompt] * 10 + [i.question for i in source.sample(200, 1)])
-    model = build("gpt2-124m", a.smoke, "cpu", vocab=len(tok))
+    model = build(name, a.smoke, "cpu", vocab=len(tok))
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = tok.eos_token_id
     model.save_pretrained(model_dir)

@@ -79,10 +79,11 @@ def test_bench_gpu_smoke_runs_every_part_on_cpu(tmp_path):
         assert gen["fp32"]["b2"]["tokens_per_s"] > 0 and gen["fp32"]["b4"]["new_tokens_per_row"] == 16
         assert set(doc["grpo"][model]) == {"fp32", "bf16_autocast"}
         assert doc["grpo"][model]["fp32"]["seconds"] > 0
-    for mode in ("default", "compile_generation"):  # sapod's own node-round, both generation paths
-        cell = doc["node_round"][mode]
-        assert cell["generate_s"] > 0 and cell["train_s"] > 0 and cell["tokens_trained"] > 0, cell
-        assert cell["node_round_s"] == pytest.approx(cell["generate_s"] + cell["train_s"])
+        for mode in ("default", "compile_generation"):  # sapod's own node-round, both generation paths
+            cell = doc["node_round"][model][mode]
+            assert cell["generate_s"] > 0 and cell["train_s"] > 0 and cell["tokens_trained"] > 0, cell
+            assert cell["node_round_s"] == pytest.approx(cell["generate_s"] + cell["train_s"])
+            assert len(cell["generate_each_s"]) == 3 and cell["first_generate_s"] == cell["generate_each_s"][0]
     swarm = doc["swarm"]
     assert swarm["exit_codes"] == {"coordinator": 0, "w1": 0, "w2": 0}, swarm.get("stderr_tail")
     assert swarm["rounds_completed"] == 2 and swarm["median_s"] > 0 and swarm["p95_s"] >= swarm["median_s"]
