@@ -51,6 +51,10 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
+def _auto_bool(text: str) -> bool | str:
+    return "auto" if text.strip().lower() == "auto" else _bool(text)
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("role", "NODE_ROLE", "worker", "node role", allowed="worker or coordinator",
            check=_choice("worker", "coordinator")),
@@ -109,9 +113,9 @@ OPTIONS: tuple[Option, ...] = (
            "jsonl/parquet/csv file; empty = the paper's nine tasks"),
     Option("device", "DEVICE", "auto", "torch device for workers", allowed="auto, cpu, cuda or cuda:N",
            check=lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())),
-    Option("compile_generation", "COMPILE_GENERATION", False,
-           "decode with a static KV cache, compiled with CUDA graphs on CUDA (the first round at each "
-           "prompt length compiles)", kind=_bool, allowed="true or false"),
+    Option("compile_generation", "COMPILE_GENERATION", "auto",
+           "decode with a static KV cache, compiled with CUDA graphs (the first round at each prompt length "
+           "compiles); auto: on CUDA", kind=_auto_bool, allowed="auto, true or false"),
     Option("cache_dir", "SAPOD_CACHE", None, "where sapod:tiny is built and cached; default ~/.cache/sapod",
            kind=Path, allowed="a folder path"),
     Option("rollout_cleanup_enabled", "ROLLOUT_CLEANUP_ENABLED", False,
@@ -165,7 +169,7 @@ class Config:
     log_level: str
     tasks: str
     device: str
-    compile_generation: bool
+    compile_generation: bool | str  # True, False or "auto"
     cache_dir: Path
     rollout_cleanup_enabled: bool
     rollout_keep_last_n_rounds: int

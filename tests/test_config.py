@@ -31,11 +31,20 @@ def test_flags_win_over_environment():
     assert build_config({}, ENV).num_generations == 4
 
 
+def test_compile_generation_is_auto_unless_set():
+    """COMPILE_GENERATION defaults to auto (the policy decides from the device); true and false stay booleans."""
+    assert build_config({}, ENV).compile_generation == "auto"
+    assert build_config({}, {**ENV, "COMPILE_GENERATION": " AUTO "}).compile_generation == "auto"
+    assert build_config({}, {**ENV, "COMPILE_GENERATION": "true"}).compile_generation is True
+    assert build_config({"compile_generation": "off"}, {**ENV, "COMPILE_GENERATION": "on"}).compile_generation is False
+
+
 @pytest.mark.parametrize("env,needle", [
     ({"NUM_GENERATIONS": "1"}, "NUM_GENERATIONS='1' is not allowed: must be an integer >= 2"),
     ({"NUM_TRAIN_SAMPLES": "two"}, "NUM_TRAIN_SAMPLES='two' is not allowed"),
     ({"MAX_STAGES": "2"}, "MAX_STAGES='2' is not allowed: must be 1"),
     ({"WATCH_MODE": "fsevents"}, "WATCH_MODE='fsevents' is not allowed: must be auto, inotify or poll"),
+    ({"COMPILE_GENERATION": "cuda"}, "COMPILE_GENERATION='cuda' is not allowed: must be auto, true or false"),
     ({"NODE_ID": "../evil"}, "NODE_ID='../evil' is not allowed"),
     ({"LOG_FORMAT": "xml"}, "must be auto, json or console"),
     ({"PEER_TIMEOUT": "1", "HEARTBEAT_INTERVAL": "5"}, "PEER_TIMEOUT=1.0 is not allowed"),

@@ -119,6 +119,42 @@ def test_compile_generation_refuses_a_model_without_a_static_cache(model_dir, mo
     with pytest.raises(ConfigError, match="COMPILE_GENERATION.*static KV cache"):
         make_policy(model_dir, compile_generation=True)
     assert make_policy(model_dir).compile_generation is False  # the default path still loads
+    assert make_policy(model_dir, compile_generation="auto").compile_generation is False  # auto: no error
+
+
+def test_compile_generation_auto_is_on_for_cuda_only(model_dir, monkeypatch):
+    """auto compiles only where transformers compiles (CUDA); a CPU policy keeps the default path."""
+    assert make_policy(model_dir, compile_generation="auto").compile_generation is False
+    assert make_policy(model_dir, compile_generation=True).compile_generation is True
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no GPU here: keep tensors where they are
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    on_cuda = HFPolicy(str(model_dir), system_prompt=SYSTEM, device="cuda", compile_generation="auto", max_new_tokens=12)
+    assert on_cuda.device.type == "cuda" and on_cuda.compile_generation is True
+
+
+def test_a_failing_compiled_generate_falls_back_for_good(policy, model_dir, capsys):
+    """If the compiled path raises (a compiler or CUDA-graph failure), generate logs why, samples what
+    the default path samples for the seed, and never tries the static cache again."""
+    static = make_policy(model_dir, compile_generation=True)
+    real, calls = static.model.generate, []
+
+    def generate(**kw):
+        calls.append(kw.get("cache_implementation"))
+        if kw.get("cache_implementation") == "static":
+            raise RuntimeError("backend compiler failed\nwith a second line")
+        return real(**kw)
+
+    static.model.generate = generate
+    items = [item(1), item(4)]
+    got = static.generate(items, num_generations=3, seed=11)
+    want = policy.generate(items, num_generations=3, seed=11)
+    assert got.completions == want.completions and got.tokens == want.tokens
+    assert static.compile_generation is False and calls == ["static", None]
+    out = capsys.readouterr().out
+    assert '"event": "compile_generation_failed"' in out
+    assert '"error": "RuntimeError: backend compiler failed with a second line"' in out
+    static.generate(items, num_generations=3, seed=12)
+    assert calls == ["static", None, None]
 
 
 def test_load_policy_passes_compile_generation_and_warns_off_cuda(model_dir, make_cfg, capsys):

@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from sapod.advantages import group_advantages, has_signal
 from sapod.errors import ConfigError, ModelLoadError
 from sapod.grpo import CLIP_HIGH, CLIP_LOW, LossStats, completion_logprobs, token_loss
+from sapod.logs import get_logger
 from sapod.prompts import format_prompt
 from sapod.types import Generation, Group, TaskItem
 
@@ -71,7 +72,9 @@ class HFPolicy:
     (torch.compile, CUDA graphs) on CUDA; on other devices the static cache runs
     uncompiled. Prompts are then left-padded to a multiple of ``STATIC_BUCKET`` tokens and
     encoded once per sample (no shared prefill); the samples are the same as without it for
-    the same seed. The first call at each padded length compiles.
+    the same seed. The first call at each padded length compiles. ``"auto"`` turns it on
+    on CUDA for a model that takes a static cache. If a compiled call fails, the policy logs
+    why and generates without it from then on.
     """
 
     def __init__(
@@ -90,7 +93,7 @@ class HFPolicy:
         micro_batch_size: int = 8,
         device: str | None = None,
         name: str | None = None,
-        compile_generation: bool = False,
+        compile_generation: bool | str = False,
     ):
         if max_new_tokens < 1 or micro_batch_size < 1 or temperature <= 0 or not 0 < top_p <= 1:
             raise ConfigError(
@@ -103,7 +106,6 @@ class HFPolicy:
         self.clip_low, self.clip_high, self.beta = clip_low, clip_high, beta
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch_size
-        self.compile_generation = compile_generation
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -124,10 +126,14 @@ class HFPolicy:
         tok.padding_side = "left"  # generation appends to the right end of every row
         tok.truncation_side = "left"  # keep the end of an over-long prompt, next to the answer
         self.model.to(self.device).eval()
-        if compile_generation and not (getattr(self.model, "_can_compile_fullgraph", False)
-                                       or getattr(self.model, "_supports_static_cache", False)):
+        static_ok = (getattr(self.model, "_can_compile_fullgraph", False)
+                     or getattr(self.model, "_supports_static_cache", False))
+        if compile_generation is True and not static_ok:
             raise ConfigError(f"COMPILE_GENERATION: {type(self.model).__name__} ({model_name_or_path}) does not "
                               "support a static KV cache in this transformers version")
+        if compile_generation == "auto":  # only where it is compiled: uncompiled, a static cache is slower
+            compile_generation = static_ok and self.device.type == "cuda"
+        self.compile_generation = bool(compile_generation)
 
         cfg = self.model.config
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -218,37 +224,36 @@ class HFPolicy:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **self._prompt_kwargs())
         enc = enc.to(self.device)
         self.model.eval()
-        # Global seeding is acceptable: every node of a process runs generate on one dedicated
-        # executor thread, so nothing else draws from the RNG between seeding and sampling.
-        torch.manual_seed(seed)
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed_all(seed)
         if self.compile_generation:
-            inputs, extra = self._bucketed(enc, num_generations), {"cache_implementation": "static"}
-        else:
-            inputs, extra = self._shared_prefill(enc, num_generations), {}
-        # No autocast here, unlike training: decoding a few rows is bound by kernel launches, and
-        # autocast's casts add to them. On an H100 (scripts/bench_gpu.py, GPT-2-124M shape, 256
-        # new tokens) fp32 weights with TF32 decoded 8 rows at 1268 tokens/s against 929 under
-        # bf16 autocast, and 16 rows at 2450 against 1477; Qwen2.5-0.5B shape 289 against 273.
-        with _padding_warning_off():
-            out = self.model.generate(
-                **inputs,
-                **extra,
-                do_sample=True,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=0,
-                repetition_penalty=1.0,
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self._eos_ids,
-            )
+            try:
+                out, inputs = self._sample(self._bucketed(enc, num_generations), seed, cache_implementation="static")
+            except Exception as exc:  # a compiler or CUDA-graph failure must not end a days-long run
+                self.compile_generation = False
+                torch._dynamo.reset()
+                get_logger().warning("compile_generation_failed", error=f"{type(exc).__name__}: {_one_line(exc)[:300]}",
+                                     detail="generating without a static cache from now on")
+        if not self.compile_generation:
+            out, inputs = self._sample(self._shared_prefill(enc, num_generations), seed)
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         g = num_generations
         completions = [texts[i * g : (i + 1) * g] for i in range(len(items))]
         return Generation(completions=completions, tokens=int(self._lengths(new).sum()))
+
+    def _sample(self, inputs: dict, seed: int, **extra) -> tuple[torch.Tensor, dict]:
+        # Global seeding is safe: a process's nodes all generate on one executor thread.
+        torch.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        # No autocast, unlike training: decoding a few rows is bound by kernel launches, which
+        # autocast's casts add to (README, Performance: fp32 + TF32 against bf16 autocast).
+        with _padding_warning_off():
+            out = self.model.generate(
+                **inputs, **extra, do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
+                repetition_penalty=1.0, max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._eos_ids,
+            )
+        return out, inputs
 
     def train_step(self, groups: Sequence[Group]) -> dict[str, float]:
         seqs: list[tuple[list[int], list[int], float]] = []  # prompt ids, completion ids, advantage
