@@ -6,9 +6,11 @@
    compiled by transformers' generate (torch.compile, reduce-overhead);
 2. one GRPO step (sapod.grpo's completion_logprobs + token_loss, Adam) in fp32 vs bf16 autocast:
    seconds and peak memory;
-3. sapod's own node-round on a GPT-2-shaped model folder: HFPolicy.generate for I=2 x G=4 plus one
-   train_step on 16 completions, with the default generation and with compile_generation;
-4. a coordinator and N workers as real ``python -m sapod`` processes sharing the GPU, seconds per
+3. sapod's own node-round on a model folder of each shape: HFPolicy.generate for I=2 x G=4 plus one
+   train_step on 16 completions, with COMPILE_GENERATION false and true (sapod's auto: true on CUDA);
+4. several compiled GPT-2 policies in one process, as ``sapod experiment`` runs nodes: each call's
+   seconds and the graphs compiled for all of them;
+5. a coordinator and N workers as real ``python -m sapod`` processes sharing the GPU, seconds per
    round from the coordinator's round_complete events, beside the original RL Swarm's ~38 s.
 
 Prints tables, then one JSON object as the last line (also to --json FILE).
@@ -31,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from bench_gpu_lib import SHAPES, build, err, free, model_dir, peak_gib, say, sync
+from bench_gpu_lib import SHAPES, build, err, free, model_dir, peak_gib, say, shared_process, sync
 
 ORIGINAL_S_PER_ROUND = 38.0  # the original RL Swarm's reported round time; not measured here
 VARIANTS = ("fp32", "bf16_autocast", "bf16", "bf16_static_compile")
-PARTS = ("generation", "grpo", "node_round", "swarm")
+PARTS = ("generation", "grpo", "node_round", "shared_process", "swarm")
 SIZES = {"batches": ("8,16,64", "2,4"), "prompt_len": (256, 32), "new_tokens": (256, 16), "grpo_batch": (16, 4),
-         "rounds": (20, 2)}  # (full, --smoke)
+         "rounds": (20, 2), "shared_rounds": (8, 2)}  # (full, --smoke)
 
 
 def parse_args(argv):
@@ -55,9 +57,12 @@ def parse_args(argv):
     add("--micro-batch", type=int, default=8, help="GRPO micro-batch, HFPolicy's default [8]")
     add("--rounds", type=int, default=None, help="swarm rounds [20; smoke 2]")
     add("--workers", type=int, default=5, help="swarm workers [5]")
+    add("--shared-nodes", type=int, default=4, help="compiled policies in one process (shared_process) [4]")
+    add("--shared-rounds", type=int, default=None, help="rounds of the shared_process part [8; smoke 2]")
     add("--swarm-timeout", type=float, default=None, help="seconds before the swarm is killed")
     add("--keep", action="store_true", help="keep the swarm's temporary folder")
-    add("--compile-generation", action="store_true", help="the swarm's workers run with COMPILE_GENERATION=true")
+    add("--compile-generation", default="auto", choices=("auto", "true", "false"),
+        help="the swarm's workers' COMPILE_GENERATION [auto, sapod's default: on with CUDA]")
     add("--json", dest="json_file", default=None, help="also write the JSON object here")
     a = p.parse_args(argv)
     for k, (full, smoke) in SIZES.items():  # defaults that depend on --smoke
@@ -177,7 +182,7 @@ def grpo(a, dev) -> dict:
 def node_round(a, dev) -> dict:
     """sapod's own node-round on a model folder of each shape: HFPolicy.generate for I=2 questions
     x G=4 (the nine default tasks' prompts) plus one train_step on (I + J) x G = 16 completions, with
-    the default generation and with compile_generation (static cache; compiled on CUDA only). Each
+    COMPILE_GENERATION false (dynamic cache) and true (static cache; compiled on CUDA only). Each
     repeat draws new questions, so a compiled run also meets new prompt lengths (new buckets)."""
     from sapod.policy.hf import HFPolicy
     from sapod.tasks import make_task_source
@@ -190,12 +195,12 @@ def node_round(a, dev) -> dict:
         res = out[name] = {}
         try:
             model_dir(a, tmp, name)
-            for mode in ("default", "compile_generation"):
+            for mode in ("compile_generation=false", "compile_generation=true"):
                 free(dev)
                 try:
                     res[mode] = one_node_round(a, dev, HFPolicy(
                         str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
-                        learning_rate=1e-6, device=str(dev), compile_generation=mode != "default"), source, Group,
+                        learning_rate=1e-6, device=str(dev), compile_generation=mode.endswith("true")), source, Group,
                         f"{name} {mode}")
                     c = res[mode]
                     say("node-round", name, mode, f"generate {c['generate_s']:.3f} s + train {c['train_s']:.3f} s "
@@ -248,7 +253,7 @@ def swarm(a, dev) -> dict:
                MAX_ROUNDS=str(a.rounds), MAX_NEW_TOKENS=str(a.new_tokens), NUM_TRAIN_SAMPLES="2",
                NUM_TRANSPLANT_TREES="2", NUM_GENERATIONS="4", CHECKPOINT_INTERVAL=str(a.rounds),
                CHECKPOINT_KEEP="1", LOG_LEVEL="warning", DEVICE=dev.type, HF_HUB_OFFLINE="1",
-               COMPILE_GENERATION=str(a.compile_generation).lower(),
+               COMPILE_GENERATION=a.compile_generation,
                TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     if dev.type == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # several processes on a few cores: no thread oversubscription
@@ -321,7 +326,8 @@ def main(argv=None) -> int:
               "settings": {"batches": a.batches, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                            "repeats": a.repeats, "grpo_batch": a.grpo_batch, "micro_batch": a.micro_batch,
                            "rounds": a.rounds, "workers": a.workers, "tf32": dev.type == "cuda"}}
-    for part, fn in (("generation", generation), ("grpo", grpo), ("node_round", node_round), ("swarm", swarm)):
+    for part, fn in (("generation", generation), ("grpo", grpo), ("node_round", node_round),
+                     ("shared_process", shared_process), ("swarm", swarm)):
         if part in a.parts:
             try:
                 result[part] = fn(a, dev)
@@ -366,10 +372,14 @@ def report(part: str, res: dict) -> None:
         for model, modes in res.items():
             for mode, c in modes.items():
                 if "error" in c:
-                    print(f"  {model:<14}{mode:<20}{c['error'][:100]}")
+                    print(f"  {model:<14}{mode:<26}{c['error'][:100]}")
                     continue
                 times = "  ".join(f"{k} {c[k]:.3f} s" for k in ("generate_s", "train_s", "node_round_s"))
-                print(f"  {model:<14}{mode:<20}{times}  (first generate {c['first_generate_s']:.1f} s)")
+                print(f"  {model:<14}{mode:<26}{times}  (first generate {c['first_generate_s']:.1f} s)")
+    elif part == "shared_process":
+        print(f"  {res['nodes']} compiled GPT-2 policies in one process, {res['rounds']} rounds: generate median "
+              f"{res['median_s']:.3f} s, max {res['max_s']:.1f} s; graphs compiled {res['graphs_compiled']} "
+              f"(recompile limit {res['recompile_limit']}); all still static: {res['all_still_static']}")
     elif part == "grpo":
         for model, precs in res.items():
             for prec, c in precs.items():

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -95,3 +97,46 @@ def model_dir(a, model_dir: Path, name: str = "gpt2-124m") -> int:
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     return sum(p.numel() for p in model.parameters())
+
+
+def shared_process(a, dev) -> dict:
+    """``--shared-nodes`` GPT-2-shaped policies with COMPILE_GENERATION=true in one process, as
+    ``sapod experiment`` runs its nodes on one GPU thread: each generates I=2 x G=4 in turn for
+    ``--shared-rounds`` rounds on new questions. Reports each call's seconds and how many graphs
+    dynamo compiled for all of them (instances of one model class share compiled graphs)."""
+    import statistics
+    import tempfile
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from sapod.policy.hf import HFPolicy
+    from sapod.tasks import make_task_source
+
+    torch._dynamo.reset()
+    counters.clear()
+    source, tmp = make_task_source(""), Path(tempfile.mkdtemp(prefix="sapod-bench-"))
+    try:
+        model_dir(a, tmp, "gpt2-124m")
+        policies = [HFPolicy(str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
+                             device=str(dev), compile_generation=True) for _ in range(a.shared_nodes)]
+        secs = []
+        for r in range(a.shared_rounds):
+            for k, policy in enumerate(policies):
+                sync(dev)
+                t0 = time.perf_counter()
+                policy.generate(source.sample(2, 1000 + 10 * r + k), 4, seed=r)
+                sync(dev)
+                secs.append(time.perf_counter() - t0)
+                say("shared process", f"round {r} node {k}: generate {secs[-1]:.2f} s",
+                    "(static cache)" if policy.compile_generation else "(fell back to the dynamic cache)")
+        res = {"nodes": a.shared_nodes, "rounds": a.shared_rounds, "generate_s": secs,
+               "median_s": statistics.median(secs), "max_s": max(secs),
+               "graphs_compiled": int(counters["stats"].get("unique_graphs", 0)),
+               "all_still_static": all(p.compile_generation for p in policies),
+               "recompile_limit": torch._dynamo.config.recompile_limit, "peak_mem_gib": peak_gib(dev)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    policies = None
+    free(dev)
+    return res

@@ -79,15 +79,20 @@ def test_bench_gpu_smoke_runs_every_part_on_cpu(tmp_path):
         assert gen["fp32"]["b2"]["tokens_per_s"] > 0 and gen["fp32"]["b4"]["new_tokens_per_row"] == 16
         assert set(doc["grpo"][model]) == {"fp32", "bf16_autocast"}
         assert doc["grpo"][model]["fp32"]["seconds"] > 0
-        for mode in ("default", "compile_generation"):  # sapod's own node-round, both generation paths
+        for mode in ("compile_generation=false", "compile_generation=true"):  # sapod's node-round, both paths
             cell = doc["node_round"][model][mode]
             assert cell["generate_s"] > 0 and cell["train_s"] > 0 and cell["tokens_trained"] > 0, cell
             assert cell["node_round_s"] == pytest.approx(cell["generate_s"] + cell["train_s"])
             assert len(cell["generate_each_s"]) == 3 and cell["first_generate_s"] == cell["generate_each_s"][0]
+    shared = doc["shared_process"]  # on a CPU nothing compiles; the part still runs every call
+    assert shared["nodes"] == 4 and shared["rounds"] == 2 and len(shared["generate_s"]) == 8
+    assert shared["graphs_compiled"] == 0 and shared["all_still_static"] is True and shared["median_s"] > 0
+    assert len(re.findall(r"bench_gpu: shared process round \d node \d: generate [\d.]+ s \(static cache\)",
+                          res.stderr)) == 8
     swarm = doc["swarm"]
     assert swarm["exit_codes"] == {"coordinator": 0, "w1": 0, "w2": 0}, swarm.get("stderr_tail")
     assert swarm["rounds_completed"] == 2 and swarm["median_s"] > 0 and swarm["p95_s"] >= swarm["median_s"]
-    assert swarm["original_rl_swarm_s_per_round"] == 38.0
+    assert swarm["original_rl_swarm_s_per_round"] == 38.0 and swarm["compile_generation"] == "auto"
 
 
 def test_bench_gpu_refuses_unknown_parts():
