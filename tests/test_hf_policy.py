@@ -124,8 +124,12 @@ def test_compile_generation_refuses_a_model_without_a_static_cache(model_dir, mo
 
 def test_compile_generation_auto_is_on_for_cuda_only(model_dir, monkeypatch):
     """auto compiles only where transformers compiles (CUDA); a CPU policy keeps the default path."""
+    from sapod.errors import ConfigError
+
     assert make_policy(model_dir, compile_generation="auto").compile_generation is False
     assert make_policy(model_dir, compile_generation=True).compile_generation is True
+    with pytest.raises(ConfigError, match="compile_generation must be True, False or 'auto', not 'false'"):
+        make_policy(model_dir, compile_generation="false")  # a string is not a boolean
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no GPU here: keep tensors where they are
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
     on_cuda = HFPolicy(str(model_dir), system_prompt=SYSTEM, device="cuda", compile_generation="auto", max_new_tokens=12)

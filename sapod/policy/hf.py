@@ -72,9 +72,8 @@ class HFPolicy:
     (torch.compile, CUDA graphs) on CUDA; on other devices the static cache runs
     uncompiled. Prompts are then left-padded to a multiple of ``STATIC_BUCKET`` tokens and
     encoded once per sample (no shared prefill); the samples are the same as without it for
-    the same seed. The first call at each padded length compiles. ``"auto"`` turns it on
-    on CUDA for a model that takes a static cache. If a compiled call fails, the policy logs
-    why and generates without it from then on.
+    the same seed. The first call at each padded length compiles. ``"auto"``: on CUDA, for a
+    model that takes a static cache. After a compiled call fails, the policy goes without.
     """
 
     def __init__(
@@ -99,6 +98,8 @@ class HFPolicy:
             raise ConfigError(
                 "need max_new_tokens >= 1, micro_batch_size >= 1, temperature > 0, 0 < top_p <= 1"
             )
+        if compile_generation not in (True, False, "auto"):
+            raise ConfigError(f"compile_generation must be True, False or 'auto', not {compile_generation!r}")
         self.name = name or model_name_or_path
         self.system_prompt = system_prompt
         self.max_new_tokens = max_new_tokens
@@ -236,8 +237,7 @@ class HFPolicy:
             out, inputs = self._sample(self._shared_prefill(enc, num_generations), seed)
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        g = num_generations
-        completions = [texts[i * g : (i + 1) * g] for i in range(len(items))]
+        completions = [texts[i * num_generations : (i + 1) * num_generations] for i in range(len(items))]
         return Generation(completions=completions, tokens=int(self._lengths(new).sum()))
 
     def _sample(self, inputs: dict, seed: int, **extra) -> tuple[torch.Tensor, dict]:
