@@ -186,7 +186,6 @@ def node_round(a, dev) -> dict:
     repeat draws new questions, so a compiled run also meets new prompt lengths (new buckets)."""
     from sapod.policy.hf import HFPolicy
     from sapod.tasks import make_task_source
-    from sapod.types import Group
 
     out: dict = {}
     source = make_task_source("")
@@ -194,27 +193,28 @@ def node_round(a, dev) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix="sapod-bench-"))
         res = out[name] = {}
         try:
-            model_dir(a, tmp, name)
+            model_dir(a, tmp, name, source)
             for mode in ("compile_generation=false", "compile_generation=true"):
                 free(dev)
                 try:
-                    res[mode] = one_node_round(a, dev, HFPolicy(
-                        str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
-                        learning_rate=1e-6, device=str(dev), compile_generation=mode.endswith("true")), source, Group,
-                        f"{name} {mode}")
-                    c = res[mode]
+                    policy = HFPolicy(str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
+                                      learning_rate=1e-6, device=str(dev), compile_generation=mode.endswith("true"))
+                    c = res[mode] = one_node_round(a, dev, policy, source, f"{name} {mode}")
                     say("node-round", name, mode, f"generate {c['generate_s']:.3f} s + train {c['train_s']:.3f} s "
                         f"= {c['node_round_s']:.3f} s", f"(first generate {c['first_generate_s']:.1f} s)")
                 except Exception as exc:
                     res[mode] = err(exc)
                     say("node-round", name, mode, res[mode])
+                policy = None
                 free(dev)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def one_node_round(a, dev, policy, source, group, label: str) -> dict:
+def one_node_round(a, dev, policy, source, label: str) -> dict:
+    from sapod.types import Group
+
     gen_s, train_s, tokens, stats = [], [], 0, {}
     for r in range(a.repeats + 1):  # round 0 warms up (and compiles)
         own, peers = source.sample(2, 100 + r), source.sample(2, 200 + r)
@@ -224,7 +224,7 @@ def one_node_round(a, dev, policy, source, group, label: str) -> dict:
         sync(dev)
         t1 = time.perf_counter()
         # random weights earn nothing: alternate rewards so every group trains
-        groups = [group(item=i, completions=c, rewards=[1.0, 0.0, 1.0, 0.0], source="bench")
+        groups = [Group(item=i, completions=c, rewards=[1.0, 0.0, 1.0, 0.0], source="bench")
                   for i, c in zip(own + peers, gen.completions * 2)]
         stats = policy.train_step(groups)
         sync(dev)

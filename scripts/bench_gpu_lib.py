@@ -1,5 +1,6 @@
 """Helpers of scripts/bench_gpu.py: the model shapes, building models with random weights (no hub),
-a tokenizer trained on task text, device timing helpers and progress lines."""
+a tokenizer trained on task text, device timing helpers and progress lines; and its shared_process
+part (several compiled policies in one process)."""
 
 from __future__ import annotations
 
@@ -83,19 +84,20 @@ def make_tokenizer(vocab_size: int, corpus: list[str]):
                                    pad_token=eos, model_max_length=1024, clean_up_tokenization_spaces=False)
 
 
-def model_dir(a, model_dir: Path, name: str = "gpt2-124m") -> int:
+def model_dir(a, folder: Path, name: str = "gpt2-124m", source=None) -> int:
     """A model of one of SHAPES with random weights and a BPE tokenizer trained on task text, saved
-    as a model folder sapod loads by path (the nine default tasks' prompts). Its parameter count."""
+    as a model folder sapod loads by path (``source``'s prompts, the nine default tasks unless
+    given). Its parameter count."""
     from sapod.tasks import make_task_source
 
-    source = make_task_source("")
+    source = source or make_task_source("")
     tok = make_tokenizer(SHAPES[name][2 if a.smoke else 1]["vocab_size"],
                          [source.system_prompt] * 10 + [i.question for i in source.sample(200, 1)])
     model = build(name, a.smoke, "cpu", vocab=len(tok))
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = tok.eos_token_id
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -117,7 +119,7 @@ def shared_process(a, dev) -> dict:
     counters.clear()
     source, tmp = make_task_source(""), Path(tempfile.mkdtemp(prefix="sapod-bench-"))
     try:
-        model_dir(a, tmp, "gpt2-124m")
+        model_dir(a, tmp, "gpt2-124m", source)
         policies = [HFPolicy(str(tmp), system_prompt=source.system_prompt, max_new_tokens=a.new_tokens,
                              device=str(dev), compile_generation=True) for _ in range(a.shared_nodes)]
         secs = []

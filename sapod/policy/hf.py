@@ -222,25 +222,26 @@ class HFPolicy:
         if not items or num_generations < 1:
             return Generation(completions=[[] for _ in items], tokens=0)
         prompts = [self._prompt(item.question) for item in items]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **self._prompt_kwargs())
-        enc = enc.to(self.device)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, **self._prompt_kwargs()).to(self.device)
         self.model.eval()
         if self.compile_generation:
+            inputs = self._bucketed(enc, num_generations)
             try:
-                out, inputs = self._sample(self._bucketed(enc, num_generations), seed, cache_implementation="static")
+                out = self._sample(inputs, seed, cache_implementation="static")
             except Exception as exc:  # a compiler or CUDA-graph failure must not end a days-long run
                 self.compile_generation = False
                 torch._dynamo.reset()
                 get_logger().warning("compile_generation_failed", error=f"{type(exc).__name__}: {_one_line(exc)[:300]}",
                                      detail="generating without a static cache from now on")
         if not self.compile_generation:
-            out, inputs = self._sample(self._shared_prefill(enc, num_generations), seed)
+            inputs = self._shared_prefill(enc, num_generations)
+            out = self._sample(inputs, seed)
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         completions = [texts[i * num_generations : (i + 1) * num_generations] for i in range(len(items))]
         return Generation(completions=completions, tokens=int(self._lengths(new).sum()))
 
-    def _sample(self, inputs: dict, seed: int, **extra) -> tuple[torch.Tensor, dict]:
+    def _sample(self, inputs: dict, seed: int, **extra) -> torch.Tensor:
         # Global seeding is safe: a process's nodes all generate on one executor thread.
         torch.manual_seed(seed)
         if self.device.type == "cuda":
@@ -248,12 +249,11 @@ class HFPolicy:
         # No autocast, unlike training: decoding a few rows is bound by kernel launches, which
         # autocast's casts add to (README, Performance: fp32 + TF32 against bf16 autocast).
         with _padding_warning_off():
-            out = self.model.generate(
+            return self.model.generate(
                 **inputs, **extra, do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
                 repetition_penalty=1.0, max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._eos_ids,
             )
-        return out, inputs
 
     def train_step(self, groups: Sequence[Group]) -> dict[str, float]:
         seqs: list[tuple[list[int], list[int], float]] = []  # prompt ids, completion ids, advantage
