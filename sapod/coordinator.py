@@ -24,6 +24,7 @@ from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_entries, read_each, read_json
+from sapod.watch import folder_version
 
 
 class Coordinator(Node):
@@ -69,6 +70,9 @@ class Coordinator(Node):
                 await self.io_trouble(exc, self.phase)
                 continue
             if reason is None:
+                # Each missing submission, when it comes, makes an event: wake for no fewer.
+                self.expect(paths.rewards_dir(self.root, state.round, state.stage), book.listed_at,
+                            len(self.table.live("worker") - book.accepted.keys()))
                 await self.wait_event()
         if state.status == "finished":
             self.status = "finished"
@@ -154,6 +158,7 @@ class Coordinator(Node):
 
     def _collect(self, book: RoundBook) -> None:
         folder = paths.rewards_dir(self.root, book.round, book.stage)
+        book.listed_at = folder_version(str(folder))
         waiting = [(n, p) for n, (p, _) in list_node_entries(folder).items() if not book.counted(n)]
         docs = read_each(lambda item: read_json(item[1], ROLLOUT_FILE_MAX), waiting, not self.inline_io)
         # Several at a time on a network mount: submissions land together at a round's end.

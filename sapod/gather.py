@@ -63,6 +63,7 @@ class Listing(dict[str, tuple[str, int]]):
 
     previous: Listing | None = None
     changed: frozenset[str] = frozenset()
+    version: tuple[int, int] | None = None  # the folder_version taken before the listing, if watched
 
     def changes_since(self, older: Listing | None) -> frozenset[str] | None:
         """The ids whose entries differ from ``older``'s, if ``older`` is the listing just
@@ -87,6 +88,7 @@ def peer_files(directory: Path) -> Listing:
         return hit[2]
     entries = Listing(list_node_entries(directory))
     if version is not None:
+        entries.version = version
         if hit is not None:
             before = hit[2]
             before.previous = None  # one step kept: older listings can go

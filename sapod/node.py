@@ -355,6 +355,11 @@ class Node:
         assert self.watcher is not None
         self.watcher.watch(list(folders))
 
+    def expect(self, folder: Path, since: tuple[int, int] | None, events: int) -> None:
+        """The next wait wakes for ``folder`` only after ``events`` events (Watcher.expect)."""
+        assert self.watcher is not None
+        self.watcher.expect(str(folder), since, events)
+
     def poll_soon(self) -> None:
         """Something is expected soon (a phase began, or a wait saw part of what it waits
         for arrive): in poll mode, rescan 8 times as often for one POLL_INTERVAL, then at

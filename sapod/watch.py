@@ -159,7 +159,8 @@ class _Inotify:
         return names
 
     def _readable(self) -> None:
-        woken: set[Watcher] = set()
+        touched: dict[_Folder, None] = {}  # folders with events that passed the filters
+        woken: set[Watcher] = set()  # watchers woken whatever they expect (lost events, folders)
         while True:
             try:
                 buf = os.read(self.fd, 65536)
@@ -171,11 +172,15 @@ class _Inotify:
                     woken |= f.watchers
                 self.close()
                 break
-            self._parse(buf, woken)
+            self._parse(buf, touched, woken)
+        for f in touched:
+            for w in f.watchers:
+                if w not in woken:
+                    w.changed(f)
         for w in woken:
             w.wake()
 
-    def _parse(self, buf: bytes, woken: set[Watcher]) -> None:
+    def _parse(self, buf: bytes, touched: dict[_Folder, None], woken: set[Watcher]) -> None:
         i, end = 0, len(buf)
         while i + 16 <= end:
             wd, mask, _, length = _HEADER.unpack_from(buf, i)
@@ -193,12 +198,13 @@ class _Inotify:
                 for name in self._drop(f):
                     for w in f.watchers:
                         w.lost(name)
+                woken |= f.watchers
             elif name and _hidden(name):
                 # One of our temp files (or an .nfs leftover): creating and writing it means
                 # nothing yet; the rename that publishes it arrives as a move to the real name.
                 continue
             f.changes += 1
-            woken |= f.watchers
+            touched[f] = None
 
     def close(self) -> None:
         if self.closed:
@@ -239,6 +245,7 @@ class Watcher:
         self._waiter: asyncio.Future[bool] | None = None
         self._folders: set[str] = set()
         self._inotify: _Inotify | None = None
+        self._expected: dict[_Folder, int] = {}  # folder -> its change count worth waking for
         self.degraded = False
         self.error: str | None = None  # why, when degraded
         self._log = get_logger()
@@ -255,6 +262,30 @@ class Watcher:
         self._woken = True
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(True)
+
+    def changed(self, folder: _Folder) -> None:
+        """On the loop's thread: ``folder`` has new events. Wakes the waiter unless it
+        expects more events from that folder than have come (see ``expect``)."""
+        target = self._expected.get(folder)
+        if target is None or folder.changes >= target:
+            self.wake()
+
+    def expect(self, folder: str, since: tuple[int, int] | None, events: int) -> None:
+        """For the next ``wait`` only: events in ``folder`` wake it only once ``events``
+        of them have come since ``since`` (a ``folder_version`` taken before the listing
+        the waiter judged by). A waiter that needs ``events`` more files needs at least
+        that many events, since each file that appears makes one, so fewer cannot be
+        worth a look: with N nodes waiting for N peers' files, each file would otherwise
+        wake all N of them, N x N wakes a round. Events of its other folders, lost
+        events and the rescan timeout wake it as before."""
+        f = self._inotify.folders.get(folder) if self._inotify is not None else None
+        if f is None or since is None or since[0] != f.serial or events <= 0:
+            return
+        target = since[1] + events
+        if f.changes >= target:
+            self._woken = True  # enough have come already: look now
+        else:
+            self._expected[f] = target
 
     def lost(self, folder: str) -> None:
         """The watch of ``folder`` is gone (the folder was deleted or moved): the next
@@ -295,6 +326,7 @@ class Watcher:
             finally:
                 timer.cancel()
                 self._waiter = None
+        self._expected.clear()
         woke, self._woken = self._woken, False
         if not woke and self._inotify is not None and self._inotify.closed:
             self.watch([Path(f) for f in self._folders])  # on a new instance

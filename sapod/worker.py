@@ -296,7 +296,8 @@ class Worker(Node):
         result = GatherResult()
         if self.cfg.num_transplant_trees == 0:
             return result
-        self.watch(paths.rollouts_dir(self.root, r, s), paths.state_dir(self.root))
+        rollouts_dir = paths.rollouts_dir(self.root, r, s)
+        self.watch(rollouts_dir, paths.state_dir(self.root))
         deadline = time.monotonic() + self.cfg.gather_timeout
         state_dir, state_seen = str(paths.state_dir(self.root)), None
         while True:
@@ -323,6 +324,9 @@ class Worker(Node):
                 if await self.io(self._round_closed, r):
                     break
             self._check_stop()
+            # Each missing file, when it comes, makes an event: wake for no fewer.
+            missing = len(live - {self.node_id} - result.files.keys())
+            self.expect(rollouts_dir, result.listed.version if result.listed is not None else None, missing)
             await self.wait_event(left)
         return result
 

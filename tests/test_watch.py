@@ -119,13 +119,13 @@ def test_only_changes_reach_the_loop_and_temp_files_wake_nobody(tmp_path, monkey
     masks: list[int] = []
     parse = _Inotify._parse
 
-    def recording(self, buf, woken):
+    def recording(self, buf, touched, woken):
         i = 0
         while i + 16 <= len(buf):
             _, mask, _, length = _HEADER.unpack_from(buf, i)
             masks.append(mask)
             i += 16 + length
-        return parse(self, buf, woken)
+        return parse(self, buf, touched, woken)
 
     monkeypatch.setattr(_Inotify, "_parse", recording)
     (tmp_path / "peer.json").write_text("{}")
@@ -221,8 +221,8 @@ def test_a_deleted_folder_is_watched_afresh(tmp_path):
 
 def test_a_lost_queue_wakes_every_watcher(tmp_path):
     """More events than the kernel queues (fs.inotify.max_queued_events) while the loop is
-    busy: the overflow wakes every watcher and changes every folder's version, since
-    any folder may have changed unseen."""
+    busy: the overflow wakes every watcher, whatever events it expects, and changes every
+    folder's version, since any folder may have changed unseen."""
     from sapod.watch import folder_version
 
     limit = int(open("/proc/sys/fs/inotify/max_queued_events").read())
@@ -238,6 +238,7 @@ def test_a_lost_queue_wakes_every_watcher(tmp_path):
             b.watch([quiet])
             await asyncio.sleep(0.1)
             version = folder_version(str(quiet))
+            b.expect(str(quiet), version, 1000)  # whatever it expects
             for i in range(limit + 100):  # the loop does not run meanwhile: the queue overflows
                 open(busy / f"{i}", "w").close()
             return await b.wait(5.0), folder_version(str(quiet)) != version
@@ -313,6 +314,79 @@ def test_many_watchers_share_one_watch_and_all_wake(tmp_path):
         assert inst.closed and loop not in _Inotify._by_loop  # closed with its last watcher
 
     asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def publish(path):
+    """A file published as sapod publishes (a hidden temp file renamed): one event."""
+    from sapod.store import atomic_write_bytes
+
+    atomic_write_bytes(path, b"{}", durable=False)
+
+
+def test_a_waiter_that_expects_n_files_sleeps_through_fewer_events(tmp_path):
+    """Watcher.expect: a waiter that needs three more files in a folder is not woken by
+    the first two and is woken by the third; events of its other folders wake it at
+    once; enough events already come make the wait return at once; and the expectation
+    holds for one wait only."""
+    from sapod.watch import folder_version
+
+    rollouts, state = tmp_path / "rollouts", tmp_path / "state"
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        w = Watcher("inotify", loop)
+        try:
+            w.watch([rollouts, state])
+            await asyncio.sleep(0.1)
+            w._woken = False
+            since = folder_version(str(rollouts))
+            w.expect(str(rollouts), since, 3)
+            for i, at in enumerate((0.1, 0.3, 0.5)):  # one at a time: the loop reads each alone
+                loop.call_later(at, publish, rollouts / f"w{i}.json")
+            woke = await w.wait(10)
+            events_at_wake = folder_version(str(rollouts))[1] - since[1]
+
+            loop.call_later(0.1, publish, rollouts / "w3.json")  # the expectation is gone: one wakes
+            t0 = loop.time()
+            woke_again = await w.wait(10)
+            one_took = loop.time() - t0
+
+            w.expect(str(rollouts), folder_version(str(rollouts)), 5)
+            loop.call_later(0.1, publish, state / "current_state.json")  # another folder: at once
+            t0 = loop.time()
+            woke_by_state = await w.wait(10)
+            state_took = loop.time() - t0
+
+            w.expect(str(rollouts), since, 4)  # four have come since `since` already
+            t0 = loop.time()
+            woke_at_once = await w.wait(10)
+            at_once_took = loop.time() - t0
+            return (woke, events_at_wake, woke_again, one_took, woke_by_state, state_took, woke_at_once,
+                    at_once_took)
+        finally:
+            w.close()
+
+    woke, events_at_wake, woke_again, one_took, woke_by_state, state_took, woke_at_once, at_once_took = \
+        asyncio.run(asyncio.wait_for(go(), 30))
+    assert woke and events_at_wake == 3
+    assert woke_again and one_took < 5
+    assert woke_by_state and state_took < 5
+    assert woke_at_once and at_once_took < 0.05
+
+
+def test_an_expectation_never_outlasts_the_rescan(tmp_path):
+    """A waiter expecting more events than come still returns at its rescan timeout."""
+    from sapod.watch import folder_version
+
+    folder = tmp_path / "rewards"
+
+    async def go():
+        async with settled_watcher(folder) as w:
+            w.expect(str(folder), folder_version(str(folder)), 10)
+            asyncio.get_running_loop().call_later(0.05, publish, folder / "w1.json")
+            return await w.wait(0.5)
+
+    assert asyncio.run(go()) is False
 
 
 def test_a_listing_is_shared_until_an_event_comes_for_its_folder(tmp_path, monkeypatch):
@@ -447,6 +521,86 @@ def test_poll_coordinator_rescans_quickly_again_when_a_submission_arrives(make_c
     with beating(c.root, "w1"), beating(c.root, "w2"):
         during = asyncio.run(go())
     assert slowed_down_then_hot_again(during, interval), during
+
+
+def test_a_gathering_worker_is_not_woken_by_each_peer_file(make_cfg, monkeypatch):
+    """With inotify, a worker waiting for five peers' rollouts files that land one by one
+    looks at the folder twice: at the start, and once all five can have come. (Woken by
+    each file, N nodes waiting for N peers' files make N x N wakes a round.) The rescan
+    interval is long here, so no rescan wakes it either."""
+    import time
+
+    import sapod.worker
+    from conftest import write_peer
+    from sapod import paths
+    from sapod.peers import PeerTable
+    from sapod.state import StateReader
+    from sapod.store import atomic_write_json
+    from sapod.worker import Worker
+    from test_schema import rollouts
+
+    peers = [f"w{i}" for i in range(2, 7)]
+    w = Worker(make_cfg("worker", "w1", watch_mode="inotify", poll_interval=30, peer_timeout=60, gather_timeout=60))
+    for node in ["w1", *peers]:
+        write_peer(w.root, node, 1)
+    looks = []
+    real = sapod.worker.list_peer_rollouts
+    monkeypatch.setattr(sapod.worker, "list_peer_rollouts", lambda *a: (looks.append(1), real(*a))[1])
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        w.watcher = Watcher("inotify", loop)
+        w.table, w.reader = PeerTable(w.root, 60), StateReader(w.root)
+        try:
+            for i, node in enumerate(peers):
+                loop.call_later(0.2 + 0.1 * i, atomic_write_json, paths.rollout_file(w.root, 0, 0, node),
+                                rollouts(node))
+            t0 = time.monotonic()
+            result = await asyncio.wait_for(w._gather(0, 0), 30)
+            return result, time.monotonic() - t0
+        finally:
+            w.watcher.close()
+
+    result, took = asyncio.run(go())
+    assert sorted(result.files) == peers and took < 10, took
+    assert len(looks) == 2, looks
+
+
+def test_a_collecting_coordinator_is_not_woken_by_each_submission(make_cfg, monkeypatch):
+    """The coordinator waiting for six workers' submissions that land one by one, with
+    inotify: it looks at the rewards folder far fewer times than once per submission."""
+    from conftest import write_peer
+    from sapod import paths
+    from sapod.coordinator import Coordinator
+    from sapod.store import atomic_write_json
+    from test_schema import submission
+
+    workers = [f"w{i}" for i in range(1, 7)]
+    c = Coordinator(make_cfg("coordinator", "coord", watch_mode="inotify", poll_interval=30, peer_timeout=60,
+                             heartbeat_interval=20, max_rounds=1))  # its own heartbeats wake it too
+    for node in workers:
+        write_peer(c.root, node, 1)
+    looks = []
+    real = Coordinator._collect
+    monkeypatch.setattr(Coordinator, "_collect", lambda self, book: (looks.append(len(book.accepted)),
+                                                                      real(self, book))[1])
+
+    async def go():
+        run = asyncio.create_task(c.run())
+        while c.phase != "collect":
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # the coordinator's own start-up writes have passed
+        start = len(looks)
+        for node in workers:
+            atomic_write_json(paths.reward_file(c.root, 0, 0, node), submission(node))
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(run, 20)
+        return looks[start:]
+
+    after_start = asyncio.run(go())
+    # Before: one look per submission, and the last look of the close. Now: the look
+    # once all six can be there, and the last look.
+    assert after_start[-1] == len(workers) and len(after_start) <= 3, after_start
 
 
 def test_gather_does_not_wait_out_its_timeout_for_a_live_peer_whose_file_is_bad(make_cfg):
