@@ -46,6 +46,37 @@ def test_write_threads_run_side_by_side():
     assert asyncio.run(go()) < 1.0
 
 
+def test_a_lane_grows_while_calls_wait_up_to_its_bound_and_keeps_its_threads():
+    """A lane of 2 threads (at most 5) given 8 calls that all block: 5 run at once, the
+    other 3 queue; once they finish, the lane keeps its 5 threads and a later call starts
+    none. A lane of one thread (the GPU's) never grows, whatever waits."""
+    release = threading.Event()
+    lane, single = Lane("grow-test", 2, max_threads=5), Lane("single-test", 1)
+    peak = {"lane": 0, "single": 0}
+
+    def hold(key: str, which: Lane) -> None:
+        peak[key] = max(peak[key], which.running)
+        release.wait(10)
+
+    async def go() -> None:
+        calls = [lane.submit(hold, "lane", lane) for _ in range(8)]
+        calls += [single.submit(hold, "single", single) for _ in range(3)]
+        for _ in range(200):
+            if lane.running == 5 and single.running == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert lane._started == 5 and lane.running == 5 and lane.in_flight == 8
+        assert single._started == 1 and single.running == 1
+        release.set()
+        await asyncio.gather(*calls)
+        assert lane.in_flight == 0 and lane.running == 0
+        await lane.run(time.sleep, 0)
+        assert lane._started == 5
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+    assert peak == {"lane": 5, "single": 1}
+
+
 def test_busy_while_a_gpu_call_runs_and_a_cancelled_caller_leaves_the_lane_working():
     """busy() is true while the GPU thread runs a call (the daemon then exits without
     waiting); a caller that gives up does not stop the call or jam the lane."""
