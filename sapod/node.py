@@ -146,10 +146,12 @@ class Node:
 
     async def shutdown(self) -> None:
         self.notifier.stopping()
-        for task in (self._hb_task, self._wd_task, self._stop_task):
-            if task is None:
-                continue
+        # Cancel all before awaiting any: awaiting the first lets the others run, and a
+        # watchdog ping sent after STOPPING=1 would tell systemd we are running again.
+        tasks = [t for t in (self._hb_task, self._wd_task, self._stop_task) if t is not None]
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             try:
                 await task
             except (asyncio.CancelledError, Displaced):

@@ -107,6 +107,39 @@ def unit_sections() -> configparser.ConfigParser:
     return parser
 
 
+def test_no_watchdog_ping_follows_stopping(make_cfg):
+    """A node's shutdown says STOPPING=1 and then never WATCHDOG=1, even with its
+    watchdog loop due to ping at every turn of the event loop: a ping after STOPPING=1
+    would tell systemd the service runs again."""
+    import asyncio
+    from dataclasses import replace
+
+    from sapod.worker import Worker
+
+    class Recorder(Notifier):
+        def __init__(self):
+            super().__init__(None)
+            self.sent: list[str] = []
+
+        def send(self, *lines: str) -> bool:
+            self.sent.append("\n".join(lines))
+            return True
+
+    async def go() -> list[str]:
+        node = Worker(make_cfg("worker", "w1"))
+        node.cfg = replace(node.cfg, watchdog_usec=0)  # the loop pings, then sleep(0): at every turn
+        node.notifier = Recorder()
+        node._hb_task = asyncio.create_task(node._heartbeat_loop())
+        node._wd_task = asyncio.create_task(node._watchdog_loop())
+        await asyncio.sleep(0.05)
+        await node.shutdown()
+        return node.notifier.sent
+
+    sent = asyncio.run(go())
+    assert "WATCHDOG=1" in sent
+    assert sent[sent.index("STOPPING=1"):] == ["STOPPING=1"], sent[-5:]
+
+
 def test_unit_supervises_as_documented():
     """The unit is Type=notify with a watchdog, restarts on failure but not after exit 2 or 4, stops gracefully."""
     service = unit_sections()["Service"]
