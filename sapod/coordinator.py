@@ -35,6 +35,9 @@ class Coordinator(Node):
         settings = await self.steady("experiment", self._ensure_experiment)
         self.reader = StateReader(self.root, trust_stat=self.inline_io)
         self.table = PeerTable.shared(self.root, self.cfg.peer_timeout, concurrent=not self.inline_io)
+        # The rewards folder's watch.folder_version at the last look (a round's own folder
+        # has its own watch, so a version from an earlier round's folder is never taken).
+        self._rewards_listed_at: tuple[int, int] | None = None
         state = await self.steady("takeover", self._take_over)
         self.log.info("coordinating", epoch=state.epoch, round=state.round, status=state.status, **settings)
         book = RoundBook(state.round, state.stage)
@@ -48,7 +51,8 @@ class Coordinator(Node):
             try:
                 # Watch first, then look, then wait: a submission that landed before the
                 # watch existed is found by the look, not by the next rescan.
-                self.watch(paths.peers_dir(self.root), paths.rewards_dir(self.root, state.round, state.stage))
+                rewards = paths.rewards_dir(self.root, state.round, state.stage)
+                self.watch(paths.peers_dir(self.root), rewards)
                 await self.io(self.table.refresh, self.peer_refresh_age)
                 if time.monotonic() >= guard_due:  # once per POLL_INTERVAL, not on every file event
                     await self.io(self._guard, state)
@@ -71,8 +75,7 @@ class Coordinator(Node):
                 continue
             if reason is None:
                 # Each missing submission, when it comes, makes an event: wake for no fewer.
-                self.expect(paths.rewards_dir(self.root, state.round, state.stage), book.listed_at,
-                            len(self.table.live("worker") - book.accepted.keys()))
+                self.expect(rewards, self._rewards_listed_at, len(self.table.live("worker") - book.accepted.keys()))
                 await self.wait_event()
         if state.status == "finished":
             self.status = "finished"
@@ -158,7 +161,7 @@ class Coordinator(Node):
 
     def _collect(self, book: RoundBook) -> None:
         folder = paths.rewards_dir(self.root, book.round, book.stage)
-        book.listed_at = folder_version(str(folder))
+        self._rewards_listed_at = folder_version(str(folder))
         waiting = [(n, p) for n, (p, _) in list_node_entries(folder).items() if not book.counted(n)]
         docs = read_each(lambda item: read_json(item[1], ROLLOUT_FILE_MAX), waiting, not self.inline_io)
         # Several at a time on a network mount: submissions land together at a round's end.

@@ -30,7 +30,6 @@ class RoundBook:
         self.stage = stage
         self.accepted: dict[str, Submission] = {}
         self._rejected: dict[str, set[str]] = {}
-        self.listed_at: tuple[int, int] | None = None  # the folder's watch.folder_version at the last listing
 
     def counted(self, node_id: str) -> bool:
         """Already counted: its file need not be read again."""

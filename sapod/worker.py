@@ -306,14 +306,11 @@ class Worker(Node):
             await self.io(list_peer_rollouts, self.root, r, s, self.node_id, result)
             if len(result.files) > had:
                 self.poll_soon()  # peers are publishing: the rest are likely close behind
-            live = self.table.live("worker")
-            # Fewer files than live peers: someone is missing, no need to find out who.
-            if len(result.files) >= len(live) - (self.node_id in live):
-                if not live - {self.node_id} - result.files.keys():
-                    break
+            waiting = self.table.live("worker") - {self.node_id} - result.files.keys()
+            if not waiting:
+                break
             left = deadline - time.monotonic()
             if left <= 0:
-                waiting = live - {self.node_id} - result.files.keys()
                 self.log.warning("gather_timeout", waiting_for=sorted(waiting), have=sorted(result.files))
                 break
             # Has the round closed under us (we are the straggler)? Not worth a look while
@@ -325,8 +322,8 @@ class Worker(Node):
                     break
             self._check_stop()
             # Each missing file, when it comes, makes an event: wake for no fewer.
-            missing = len(live - {self.node_id} - result.files.keys())
-            self.expect(rollouts_dir, result.listed.version if result.listed is not None else None, missing)
+            assert result.listed is not None  # list_peer_rollouts sets it
+            self.expect(rollouts_dir, result.listed.version, len(waiting))
             await self.wait_event(left)
         return result
 
