@@ -7,6 +7,7 @@ Records are read line by line; a torn or foreign line is skipped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -19,6 +20,31 @@ from sapod.store import NODE_ID_PATTERN, valid_node_id
 
 PROGRESS_RE = re.compile(rf"^progress_({NODE_ID_PATTERN})\.jsonl\Z")
 MAX_LINE = 1 << 20
+MAX_ROUND = 2**63  # as schema's integer fields: a round past this is not one a node wrote
+
+
+def finite(value: Any) -> bool:
+    """A JSON number a float can hold: not a bool, NaN, an infinity, or an integer past float range
+    (JSON allows 4300 digits; math.isfinite raises OverflowError on those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def metrics_row_ok(row: dict[str, Any]) -> bool:
+    """A metrics row worth reading: an integer round in 0..MAX_ROUND and a finite reward_mean.
+    Every reader of metrics.jsonl (status, report, progress) skips the others."""
+    r = row.get("round")
+    return (isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= MAX_ROUND
+            and finite(row.get("reward_mean")))
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer count; anything else counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -52,23 +78,32 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def progress_nodes(root: Path) -> list[str]:
+def progress_nodes(root: Path, strict: bool = False) -> list[str]:
+    """Nodes with a progress_{node}.jsonl in ``root``. A folder that cannot be listed is an empty
+    listing, or with ``strict`` raises the OSError (a missing folder is empty either way)."""
     try:
         names = os.listdir(root)
+    except FileNotFoundError:
+        return []
     except OSError:
+        if strict:
+            raise
         return []
     return sorted(m.group(1) for n in names if (m := PROGRESS_RE.match(n)) and valid_node_id(m.group(1)))
 
 
 def metrics_summary(root: Path, node_id: str) -> dict[str, Any]:
-    rows = read_jsonl(paths.metrics_file(root, node_id))
-    means = [float(r.get("reward_mean", 0.0)) for r in rows]
+    """Rounds, mean reward, last cumulative reward and external rollouts used, over the node's
+    well-formed metrics rows (``metrics_row_ok``); an odd number in one of them counts as 0."""
+    rows = [r for r in read_jsonl(paths.metrics_file(root, node_id)) if metrics_row_ok(r)]
+    means = [float(r["reward_mean"]) for r in rows]
+    cumulative = rows[-1].get("cumulative_reward") if rows else None
     return {
         "rounds": len(rows),
         "mean_reward": sum(means) / len(means) if means else 0.0,
-        "cumulative_reward": float(rows[-1].get("cumulative_reward", 0.0)) if rows else 0.0,
-        "external_used": sum(int(r.get("n_external", 0)) for r in rows),
-        "last_round": int(rows[-1].get("round", -1)) if rows else -1,
+        "cumulative_reward": float(cumulative) if finite(cumulative) else 0.0,
+        "external_used": sum(_count(r.get("n_external")) for r in rows),
+        "last_round": rows[-1]["round"] if rows else -1,
     }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 from sapod import paths
 from sapod.config import add_arguments, build_config
 from sapod.logs import configure_logging
-from sapod.progress import progress_nodes, read_jsonl
+from sapod.progress import finite, metrics_row_ok, progress_nodes, read_jsonl
 from sapod.state import read_experiment
 from sapod.store import list_node_files, valid_node_id
 
@@ -42,20 +41,19 @@ class Experiment:
 
 # -- loading ----------------------------------------------------------------------
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _node_ids(root: Path) -> list[str]:
-    # Nodes announce themselves through peers/ and progress_*.jsonl; logs/ is not listed.
-    return sorted(set(list_node_files(paths.peers_dir(root))) | set(progress_nodes(root)))
+    """Nodes announce themselves through peers/ and progress_*.jsonl; logs/ is not listed. A folder
+    that cannot be listed raises OSError: a report that silently left nodes out would be wrong."""
+    return sorted(set(list_node_files(paths.peers_dir(root))) | set(progress_nodes(root, strict=True)))
 
 
 def load_rows(root: Path, node_id: str) -> list[dict[str, Any]]:
-    """Usable metrics rows, one per round (a round retried after a restart keeps its last row)."""
+    """Usable metrics rows (``metrics_row_ok``), one per round (a round retried after a restart keeps
+    its last row); reward_mean as a float, so that sums of huge integers stay floats."""
     by_round: dict[int, dict[str, Any]] = {}
     for row in read_jsonl(paths.metrics_file(root, node_id)):
-        if isinstance(row.get("round"), int) and not isinstance(row["round"], bool) and _finite(row.get("reward_mean")):
+        if metrics_row_ok(row):
+            row["reward_mean"] = float(row["reward_mean"])
             by_round[row["round"]] = row
     return [by_round[r] for r in sorted(by_round)]
 
@@ -234,7 +232,7 @@ def plot_cumulative(exp: Experiment, path: Path) -> Path:
         for r in rows:
             running += r["reward_mean"]
             # The node's own running total survives restarts; fall back to our sum without it.
-            y.append(r["cumulative_reward"] if _finite(r.get("cumulative_reward")) else running)
+            y.append(float(r["cumulative_reward"]) if finite(r.get("cumulative_reward")) else running)
         ax.plot([r["round"] for r in rows], y, color=f"C{i % 10}", label=node)
     return _save(fig, ax, path, len(exp.rows))
 
@@ -278,7 +276,7 @@ def _mean_by_round(exp: Experiment, key: str) -> tuple[list[int], list[float]]:
     sums: dict[int, list[float]] = {}
     for rows in exp.rows.values():
         for r in rows:
-            sums.setdefault(r["round"], []).append(float(r[key]) if _finite(r.get(key)) else 0.0)
+            sums.setdefault(r["round"], []).append(float(r[key]) if finite(r.get(key)) else 0.0)
     rounds = sorted(sums)
     return rounds, [sum(sums[r]) / len(sums[r]) for r in rounds]
 
@@ -319,6 +317,10 @@ def write_report(experiments: list[Experiment], out: Path, window: int) -> tuple
     return table, written
 
 
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def report_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sapod report", description=(
         "Plot reward per round, cumulative reward and time per phase for each experiment, and compare "
@@ -344,8 +346,17 @@ def report_main(argv: list[str]) -> int:
         if not root.is_dir():
             print(f"sapod report: no experiment folder for {arg!r} at {root}", file=sys.stderr)
             return 1
-    experiments = [load_experiment(r, label) for r, label in zip(roots, _labels(roots))]
-    table, written = write_report(experiments, args.out, args.window)
+    try:
+        experiments = [load_experiment(r, label) for r, label in zip(roots, _labels(roots))]
+    except OSError as exc:  # a folder that cannot be listed (EIO on a network mount): no half report
+        print(f"sapod report: cannot read {exc.filename or 'the experiment folder'}: {_reason(exc)}",
+              file=sys.stderr)
+        return 1
+    try:
+        table, written = write_report(experiments, args.out, args.window)
+    except OSError as exc:
+        print(f"sapod report: cannot write {exc.filename or args.out}: {_reason(exc)}", file=sys.stderr)
+        return 1
     print(table)
     print()
     print(f"wrote {len(written)} files to {args.out.resolve()}")

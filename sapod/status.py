@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import stat
 import sys
@@ -25,6 +24,7 @@ from sapod.config import Config, add_arguments, build_config
 from sapod.errors import Rejected
 from sapod.logs import configure_logging
 from sapod.peers import GONE, PeerTable
+from sapod.progress import finite, metrics_row_ok
 from sapod.state import StateReader, read_experiment
 from sapod.store import parse_json_bytes
 
@@ -48,10 +48,17 @@ class HeartbeatWatch:
         self._first: dict[str, tuple[str, int]] = {}
         self._first_at: dict[str, float] = {}
         self.refreshes = 0
+        # Why the last refresh could not read peers/ (what it saw before stays), None when it could.
+        self.error: str | None = None
 
     def refresh(self) -> None:
-        self.table.refresh()
         self.refreshes += 1
+        try:
+            self.table.refresh()
+        except OSError as exc:  # EIO and the like on a network mount: often gone on the next try
+            self.error = f"peers/: cannot list: {_reason(exc)}"
+            return
+        self.error = None
         now = self.clock()
         for node_id, peer in self.table.peers().items():
             if node_id not in self._first:
@@ -63,11 +70,12 @@ class HeartbeatWatch:
         return peer is not None and (peer.instance, peer.beat) != self._first.get(node_id)
 
     def observe(self, window: float, step: float, sleep: Callable[[float], None] = time.sleep) -> None:
-        """Refresh until every running peer has moved or ``window`` seconds pass."""
+        """Refresh until every running peer has moved or ``window`` seconds pass; a refresh that
+        could not read peers/ is retried within the window too."""
         deadline = self.clock() + window
         self.refresh()
-        while self.clock() < deadline and any(
-                p.status not in GONE and not self.moved(n) for n, p in self.table.peers().items()):
+        while self.clock() < deadline and (self.error is not None or any(
+                p.status not in GONE and not self.moved(n) for n, p in self.table.peers().items())):
             sleep(max(0.0, min(step, deadline - self.clock())))
             self.refresh()
 
@@ -126,14 +134,13 @@ def read_tail(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict[str, Any]]:
 
 def _number(row: dict[str, Any], key: str) -> float | None:
     value = row.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+    return float(value) if finite(value) else None
 
 
 def metrics_tail_summary(root: Path, node_id: str) -> dict[str, Any]:
-    rows = [r for r in read_tail(paths.metrics_file(root, node_id))
-            if isinstance(r.get("round"), int) and not isinstance(r.get("round"), bool)]
+    """Rounds done, cumulative and last reward, rounds per hour, from the well-formed rows
+    (``metrics_row_ok``) in the tail of the node's metrics.jsonl."""
+    rows = [r for r in read_tail(paths.metrics_file(root, node_id)) if metrics_row_ok(r)]
     if not rows:
         return {"rounds_done": None, "cumulative_reward": None, "last_reward": None, "rounds_per_hour": None}
     last = rows[-1]
@@ -201,7 +208,8 @@ def collect_status(cfg_or_root: Config | Path | str, *, watch: HeartbeatWatch | 
         row["eta_s"] = _eta(row, max_rounds)
         nodes.append(row)
     return {"experiment": root.name, "root": str(root), "max_rounds": max_rounds, "settings": settings,
-            "state": state_out, "observed_s": max((n["watched_s"] for n in nodes), default=0.0), "nodes": nodes}
+            "state": state_out, "observed_s": max((n["watched_s"] for n in nodes), default=0.0), "nodes": nodes,
+            "error": watch.error}
 
 
 def _eta(row: dict[str, Any], max_rounds: int | None) -> float | None:
@@ -216,6 +224,10 @@ def _eta(row: dict[str, Any], max_rounds: int | None) -> float | None:
 
 
 # -- output -----------------------------------------------------------------------
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
@@ -244,6 +256,8 @@ COLUMNS = (("node", 16, "<"), ("role", 11, "<"), ("round", 6, ">"), ("phase", 12
 
 def format_status(status: dict[str, Any]) -> str:
     lines = [f"experiment {status['experiment']}  {status['root']}"]
+    if status.get("error"):
+        lines.append(f"{status['error']}, retrying (rows as last read)")
     st, max_rounds = status["state"], status["max_rounds"]
     target = "?" if max_rounds is None else str(max_rounds)
     if st is None:
@@ -265,6 +279,10 @@ def format_status(status: dict[str, Any]) -> str:
 
 def _show(status: dict[str, Any], as_json: bool, clear: bool) -> None:
     text = json.dumps(status, sort_keys=True) if as_json else format_status(status)
+    _write(text, clear)
+
+
+def _write(text: str, clear: bool) -> None:
     if clear:
         sys.stdout.write("\x1b[H\x1b[2J")
     sys.stdout.write(text + "\n")
@@ -285,7 +303,12 @@ def status_main(argv: list[str]) -> int:
     cfg = build_config(vars(args))
     # Rejected peer files are logged; keep stdout for the table or the JSON.
     configure_logging(cfg.log_format, "warning", stream=sys.stderr)
-    if not cfg.root.is_dir():
+    try:
+        found = cfg.root.is_dir()
+    except OSError as exc:  # is_dir() returns False only for a missing folder; EIO raises
+        print(f"sapod status: cannot read {cfg.root}: {_reason(exc)}", file=sys.stderr)
+        return 1
+    if not found:
         print(f"sapod status: no experiment folder at {cfg.root} (check --shared/GDRIVE_PATH and "
               f"--experiment/EXPERIMENT_NAME)", file=sys.stderr)
         return 1
@@ -293,12 +316,28 @@ def status_main(argv: list[str]) -> int:
     clear = args.watch is not None and not args.json and sys.stdout.isatty()
     try:
         while True:
-            _show(collect_status(cfg, watch=watch), args.json, clear)
+            try:
+                status = collect_status(cfg, watch=watch)
+            except FileNotFoundError as exc:  # the folder went away while watching
+                print(f"sapod status: {exc}", file=sys.stderr)
+                return 1
+            except OSError as exc:  # a read the shared folder refused (EIO): one line, not a traceback
+                problem = f"cannot read {exc.filename or cfg.root}: {_reason(exc)}"
+                if args.watch is None:
+                    print(f"sapod status: {problem}", file=sys.stderr)
+                    return 1
+                if args.json:
+                    print(f"sapod status: {problem}, retrying", file=sys.stderr)
+                else:
+                    _write(f"experiment {cfg.root.name}  {cfg.root}\n{problem}, retrying", clear)
+            else:
+                if args.watch is None and status["error"]:
+                    # The window's retries did not get through: no table of stale or missing rows.
+                    print(f"sapod status: {cfg.root}/{status['error']}", file=sys.stderr)
+                    return 1
+                _show(status, args.json, clear)
             if args.watch is None:
                 return 0
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
-    except FileNotFoundError as exc:  # the folder went away while watching
-        print(f"sapod status: {exc}", file=sys.stderr)
-        return 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 
 import pytest
 
+import sapod.peers
 from sapod import paths
 from sapod.cli import main
 from sapod.status import collect_status, read_tail
@@ -101,3 +103,104 @@ def test_read_tail_reads_only_the_end(tmp_path):
     assert rows and rows[-1]["round"] == 1999
     assert [r["round"] for r in rows] == list(range(rows[0]["round"], 2000))
     assert len(rows) < 40
+
+
+# -- a shared folder that misbehaves --------------------------------------------------
+
+def _break_listing(monkeypatch, fails):
+    """Listing peers/ raises EIO, as on a throttled Drive/FUSE mount, on the calls where
+    ``fails(n)`` (n counts from 1) is true. Returns the calls made."""
+    real, calls = sapod.peers.list_node_entries, []
+
+    def listing(directory):
+        calls.append(directory)
+        if fails(len(calls)):
+            raise OSError(errno.EIO, "Input/output error", str(directory))
+        return real(directory)
+
+    monkeypatch.setattr(sapod.peers, "list_node_entries", listing)
+    return calls
+
+
+def test_one_shot_status_exits_1_on_a_listing_error(tmp_path, capsys, monkeypatch):
+    """peers/ that cannot be listed for the whole window: one line on stderr naming it, exit 1, no traceback."""
+    root = paths.experiment_root(tmp_path, "e")
+    write_peer(root, "w1", 3)
+    calls = _break_listing(monkeypatch, lambda n: True)
+    capsys.readouterr()
+    assert main(["status", "--shared", str(tmp_path), "--experiment", "e", "--heartbeat-interval", "0.2"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sapod status: ")
+    assert "peers/: cannot list: Input/output error" in err[0]
+    assert len(calls) > 1  # retried within the heartbeat window before giving up
+
+
+def test_one_shot_status_retries_a_passing_listing_error(tmp_path, capsys, monkeypatch):
+    """One EIO on peers/ is retried within the window: the table comes out and the exit is 0."""
+    root = paths.experiment_root(tmp_path, "e")
+    write_peer(root, "w1", 3)
+    _break_listing(monkeypatch, lambda n: n == 1)
+    capsys.readouterr()
+    assert main(["status", "--shared", str(tmp_path), "--experiment", "e", "--heartbeat-interval", "0.2",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [n["node"] for n in doc["nodes"]] == ["w1"] and doc["error"] is None
+
+
+def test_watch_shows_a_listing_error_and_keeps_watching(tmp_path, capsys, monkeypatch):
+    """`--watch` draws the listing error on a line and goes on; the next draw, once peers/ lists again,
+    has the node and no error line."""
+    root = paths.experiment_root(tmp_path, "e")
+    write_peer(root, "w1", 3)
+    broken = [True]
+    _break_listing(monkeypatch, lambda n: broken[0])
+    waits = []
+
+    def between_draws(seconds):
+        waits.append(seconds)
+        if len(waits) == 1:
+            broken[0] = False  # the mount recovers
+        else:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", between_draws)
+    capsys.readouterr()
+    assert main(["status", "--shared", str(tmp_path), "--experiment", "e", "--watch", "1",
+                 "--heartbeat-interval", "0.2"]) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("experiment e ")[1:]
+    assert "peers/: cannot list: Input/output error, retrying" in first
+    assert "cannot list" not in second
+    assert any(line.startswith("w1 ") for line in second.splitlines())
+
+
+ODD_TAILS = [  # (name, odd row as JSONL text, whether it is still a usable row)
+    ("reward_mean null", '{"round": 1, "reward_mean": null}', False),
+    ("reward_mean huge int", '{"round": 1, "reward_mean": 1%s}' % ("0" * 400), False),
+    ("round null", '{"round": null, "reward_mean": 0.5}', False),
+    ("round string", '{"round": "x", "reward_mean": 0.5}', False),
+    ("round huge int", '{"round": 1%s, "reward_mean": 0.5, "ts": 200.0}' % ("0" * 400), False),
+    ("round negative", '{"round": -3, "reward_mean": 0.5}', False),
+    ("ts huge int", '{"round": 1, "reward_mean": 0.5, "ts": 1%s}' % ("0" * 400), True),
+    ("cumulative huge int", '{"round": 1, "reward_mean": 0.5, "ts": 200.0, "cumulative_reward": 1%s}' % ("0" * 400),
+     True),
+    ("cumulative dict", '{"round": 1, "reward_mean": 0.5, "ts": 200.0, "cumulative_reward": {}}', True),
+]
+
+
+@pytest.mark.parametrize("odd,kept", [c[1:] for c in ODD_TAILS], ids=[c[0] for c in ODD_TAILS])
+def test_status_skips_odd_metrics_rows(tmp_path, odd, kept):
+    """A metrics row that is not well-formed (integer round, finite reward_mean) is skipped; an odd
+    number elsewhere in a good row reads as no value. Nothing raises."""
+    root = paths.experiment_root(tmp_path, "e")
+    write_peer(root, "w1", 3)
+    path = paths.metrics_file(root, "w1")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"round": 0, "reward_mean": 0.25, "ts": 100.0, "cumulative_reward": 0.25}\n' + odd + "\n")
+    node = collect_status(root, window=0.0)["nodes"][0]
+    assert node["rounds_done"] == (2 if kept else 1)
+    assert node["last_reward"] == (0.5 if kept else 0.25)
+    assert node["cumulative_reward"] == (None if kept else 0.25)
+    assert node["rounds_per_hour"] is None or node["rounds_per_hour"] == pytest.approx(36.0)
