@@ -15,9 +15,11 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import tempfile
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +38,7 @@ from sapod.gather import GatherResult, list_peer_rollouts, load_peer_rollouts, r
 from sapod.peers import GONE, PeerTable
 from sapod.rounds import ALL_SUBMITTED, TIMED_OUT, RoundBook
 from sapod.state import StateReader
+from sapod.taskbase import MAX_COMPLETION_CHARS
 from sapod.types import TaskItem
 
 # Reproducible in CI (derandomize), no example database written into the tree, no
@@ -930,6 +933,117 @@ def test_extract_matches_reasoning_gym(completion):
     from sapod.taskbase import extract_answer
 
     assert extract_answer(completion) == rg_extract(completion)
+
+
+# The regex extract_answer used before its linear scan (reasoning_gym's pattern): the reference.
+_ANSWER_REGEX = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
+
+
+def _regex_answer(completion: str) -> str | None:
+    answers = _ANSWER_REGEX.findall(completion)
+    return answers[-1].strip() if answers else None
+
+
+# Tags, near-tags, and whitespace that \s and str.strip both see (and "\u200b", which neither does).
+ANSWER_PIECES = ("<answer>", "</answer>", "<Answer>", "</ANSWER>", "<answer", "</answer", "answer>", "<", ">", "/",
+                 " ", "  ", "\n", "\t", "\r\n", "\x0b", "\x1c", "\x85", "\u00a0", "\u2028", "\u3000", "\u200b",
+                 "42", "x", "\u00e9", "<answer> ", " </answer>", "<answer>\n", "\n</answer>")
+
+
+def test_extract_answer_matches_the_regex_on_random_pieces():
+    from sapod.taskbase import extract_answer
+
+    rng = random.Random(20240611)
+    for _ in range(5000):
+        text = "".join(rng.choices(ANSWER_PIECES, k=rng.randint(0, 24)))
+        assert extract_answer(text) == _regex_answer(text), repr(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", None),
+    ("42", None),
+    ("<answer>42</answer>", "42"),
+    ("<answer>  42 \n</answer>", "42"),                        # stripped, all of the whitespace
+    ("<answer>\n4\n2\n</answer>", "4\n2"),                     # across lines
+    ("<answer></answer>", ""),                                 # empty, not None
+    ("<answer> </answer>", ""),
+    ("<answer>\t \n</answer>", ""),
+    ("<answer>1</answer><answer>2</answer>", "2"),             # the last pair
+    ("<answer>1</answer><answer>2", "1"),                      # an unclosed last tag is no pair
+    ("<answer>1</answer></answer>", "1"),
+    ("<answer><answer>5</answer></answer>", "<answer>5"),      # not nested: the first closing ends it
+    ("<answer>a<answer>b</answer>c</answer>", "a<answer>b"),
+    ("</answer><answer>3</answer>", "3"),
+    ("</answer>3<answer>", None),
+    ("<answer>3</answer>\n<answer> 4\n5\n</answer>", "4\n5"),
+    ("<Answer>4</Answer>", None),                              # case-sensitive
+    ("<ANSWER>4</answer>", None),
+    ("<answer>4</Answer>", None),
+    ("<answer >4</answer>", None),
+    ("<answer>4</answer >", None),
+    ("<answer>\u00a04\u2028</answer>", "4"),                   # Unicode whitespace strips too
+    ("<answer>\u200b4</answer>", "\u200b4"),                   # ... but a zero-width space is no whitespace
+    ("<answer>" * 3 + "</answer>" * 3, "<answer><answer>"),
+    ("<answer>" * 5, None),
+    ("</answer>" * 5, None),
+])
+def test_extract_answer_hand_cases(text, expected):
+    from sapod.taskbase import extract_answer
+
+    assert _regex_answer(text) == expected  # the hand-written value is the regex's
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_ignores_str_subclass_methods():
+    from sapod.taskbase import extract_answer
+
+    class Odd(str):
+        def find(self, *a: Any) -> int:
+            return 0
+
+        def strip(self, *a: Any) -> str:
+            return "odd"
+
+        def __getitem__(self, key: Any) -> str:
+            return "odd"
+
+    assert extract_answer(Odd("<answer> 7 </answer>")) == "7"
+    assert extract_answer(Odd("no tags")) is None
+
+
+@pytest.mark.parametrize("head, unit, reps, tail", [
+    ("", "<answer> ", 7281, ""),                         # 64 KiB of openings, never closed
+    ("", "<answer>", 10000, "x"),
+    ("", "<answer>", MAX_COMPLETION_CHARS // 8, ""),     # the longest text it looks at
+    ("", "<answer>\n", 7281, "</answer"),                 # a closing tag one ">" short
+    ("<answer>x</answer>", "<answer> ", 7281, ""),      # a pair, then the hostile run
+])
+def test_extract_answer_is_linear_on_unclosed_tags(head, unit, reps, tail):
+    """Many "<answer>" with no "</answer>" after them took the regex quadratic time, holding the GIL."""
+    from sapod.taskbase import extract_answer
+
+    small = head + unit * 50 + tail  # the regex is quick enough here: it gives the expected answer
+    expected = _regex_answer(small)
+    assert extract_answer(small) == expected
+    hostile = head + unit * reps + tail
+    assert len(hostile) <= MAX_COMPLETION_CHARS
+    started = time.perf_counter()
+    out = extract_answer(hostile)
+    elapsed = time.perf_counter() - started
+    assert out == expected
+    assert elapsed < 1.0, f"{elapsed:.2f} s on {len(hostile)} chars"
+
+
+def test_extract_answer_closed_hostile_run():
+    """The same runs with one closing tag at the end: one pair holding all the openings but the first."""
+    from sapod.taskbase import extract_answer
+
+    for unit, reps in (("<answer> ", 7281), ("<answer>", 10000)):
+        text = unit * reps + "</answer>"
+        started = time.perf_counter()
+        out = extract_answer(text)
+        assert time.perf_counter() - started < 1.0
+        assert out == _regex_answer(text) == (unit * (reps - 1)).strip()
 
 
 # -- checkpoint.read_counters ---------------------------------------------------
