@@ -16,7 +16,7 @@ from typing import Any
 from sapod import failpoints, paths, schema
 from sapod.errors import Rejected
 from sapod.policy.base import Policy
-from sapod.store import atomic_write_json, read_json
+from sapod.store import atomic_write_json, fsync_dir, read_json
 
 COUNTERS = "counters.json"
 
@@ -30,17 +30,43 @@ def save_checkpoint(root: Path, node_id: str, round_: int, policy: Policy, count
     try:
         policy.save(tmp)
         failpoints.hit("checkpoint")
+        _fsync_tree(tmp)  # the policy's files are durable before COMPLETE can be
         atomic_write_json(tmp / COUNTERS, {"schema": schema.CHECKPOINT, "node_id": node_id, "round": round_,
                                            **counters})
         atomic_write_json(paths.complete_marker(tmp), {"node_id": node_id, "round": round_})
         if final.exists():  # a retry of the same round: ours to replace
-            shutil.rmtree(final)
+            _remove_checkpoint(final)  # anything left of it makes the rename fail (OSError)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(final.parent)
     prune_checkpoints(root, node_id, keep)
     return final
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every regular file under ``directory`` (subfolders included), then each folder.
+    A file's fsync error propagates as OSError; a folder's is ignored as in ``fsync_dir``."""
+    with os.scandir(directory) as it:
+        entries = list(it)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _fsync_tree(Path(entry.path))
+        elif entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(directory)
+
+
+def _remove_checkpoint(directory: Path) -> None:
+    """The marker goes first (made durable), so a half-deleted folder is never taken for complete."""
+    paths.complete_marker(directory).unlink(missing_ok=True)
+    fsync_dir(directory)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def free_bytes(root: Path) -> int:
@@ -89,9 +115,7 @@ def latest_checkpoint(root: Path, node_id: str) -> tuple[int, Path] | None:
 
 def prune_checkpoints(root: Path, node_id: str, keep: int) -> None:
     for _, d in list_checkpoints(root, node_id)[:-keep]:
-        # The marker goes first, so a half-deleted folder is never taken for complete.
-        paths.complete_marker(d).unlink(missing_ok=True)
-        shutil.rmtree(d, ignore_errors=True)
+        _remove_checkpoint(d)
         try:
             d.parent.rmdir()  # only succeeds once no node has a checkpoint for that round
         except OSError:
@@ -116,3 +140,4 @@ def read_counters(directory: Path, node_id: str) -> dict[str, Any]:
     if not finite:
         raise Rejected("counters.json field 'cumulative_reward' missing or not finite")
     return doc
+

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -1113,6 +1114,135 @@ def test_list_checkpoints_sees_each_round_once_and_prune_keeps_the_latest(dirs, 
 def test_read_counters_missing_is_rejected(tmp_path):
     with pytest.raises(Rejected, match="missing"):
         read_counters(tmp_path, "w1")
+
+
+# -- save_checkpoint durability --------------------------------------------------
+
+CKPT_COUNTERS = {"rounds_done": 1, "cumulative_reward": 0.5, "external_used": 0}
+
+
+def _policy_with_subfolder():
+    """The scripted policy, plus files in a subfolder the way a real one writes its tokenizer."""
+    from sapod.policy.scripted import ScriptedPolicy
+
+    class WithTokenizer(ScriptedPolicy):
+        def save(self, directory: Path) -> None:
+            super().save(directory)
+            (Path(directory) / "tokenizer").mkdir()
+            (Path(directory) / "tokenizer" / "vocab.json").write_text('{"a": 1}')
+            (Path(directory) / "optimizer.pt").write_bytes(b"\0" * 1000)
+
+    return WithTokenizer(skill=0.4)
+
+
+def test_save_checkpoint_fsyncs_the_policys_files_before_complete(tmp_path, monkeypatch):
+    """A power cut must never leave a durable COMPLETE beside an empty or truncated model file:
+    every file and folder the policy wrote is fsynced before COMPLETE is created, and the folder
+    holding the checkpoint is fsynced after the rename that publishes it."""
+    from sapod import checkpoint
+
+    root = tmp_path.resolve()
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_write = os.fsync, os.replace, checkpoint.atomic_write_json
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def spy_replace(src, dst, *a, **k):
+        real_replace(src, dst, *a, **k)
+        events.append(("replace", str(dst)))
+
+    def spy_write(path, *a, **k):
+        events.append(("write", Path(path).name))
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", spy_fsync)  # the os module: store's fsyncs too
+    monkeypatch.setattr(checkpoint.os, "replace", spy_replace)
+    monkeypatch.setattr(checkpoint, "atomic_write_json", spy_write)
+    final = checkpoint.save_checkpoint(root, "w1", 3, _policy_with_subfolder(), CKPT_COUNTERS, keep=2)
+    monkeypatch.undo()
+
+    policy_files = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file()} - {"COMPLETE", COUNTERS}
+    assert policy_files == {"scripted.json", "optimizer.pt", "tokenizer/vocab.json"}
+    tmp_prefix = str(final.parent / ".w1.tmp-")
+    # What was fsynced inside the temp folder, by its path relative to that folder ("" = the folder).
+    synced_at = {}
+    for i, (kind, path) in enumerate(events):
+        if kind == "fsync" and path.startswith(tmp_prefix):
+            rel = path[len(tmp_prefix):].partition("/")[2]
+            synced_at.setdefault(rel, i)
+    complete_created = events.index(("write", "COMPLETE"))
+    for rel in policy_files | {"", "tokenizer"}:
+        assert rel in synced_at, f"{rel or 'the temp folder'} never fsynced: {events}"
+        assert synced_at[rel] < complete_created, f"{rel} fsynced after COMPLETE was written: {events}"
+    assert any(p.startswith(".COMPLETE.tmp-") for p in synced_at), events
+    assert any(p.startswith(f".{COUNTERS}.tmp-") for p in synced_at), events
+    published = events.index(("replace", str(final)))
+    assert ("fsync", str(final.parent)) in events[published + 1:], events
+    assert checkpoint.latest_checkpoint(root, "w1") == (3, final)
+
+
+def test_save_checkpoint_fsync_error_fails_the_save(tmp_path, monkeypatch):
+    """An fsync that fails on a policy file fails the save as OSError, leaving no checkpoint
+    and no temp folder behind (the caller keeps the previous checkpoint and retries later)."""
+    from sapod import checkpoint
+
+    root = tmp_path.resolve()
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/optimizer.pt"):
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(root, "w1", 3, _policy_with_subfolder(), CKPT_COUNTERS, keep=2)
+    monkeypatch.undo()
+    assert checkpoint.list_checkpoints(root, "w1") == []
+    assert os.listdir(paths.checkpoint_dir(root, 3, "w1").parent) == []
+
+
+class _Killed(BaseException):
+    """Stands for a kill -9 or a power cut: nothing after it runs."""
+
+
+def test_resave_killed_while_removing_the_old_folder_never_leaves_it_listed(tmp_path, monkeypatch):
+    """A retry of the same round removes the old folder COMPLETE first: killed partway, the
+    half-removed folder is no longer a checkpoint, and the previous round's is the latest."""
+    from sapod import checkpoint
+    from sapod.policy.scripted import ScriptedPolicy
+
+    root = tmp_path.resolve()
+    policy = ScriptedPolicy(skill=0.4)
+    r3 = checkpoint.save_checkpoint(root, "w1", 3, policy, CKPT_COUNTERS, keep=2)
+    r4 = checkpoint.save_checkpoint(root, "w1", 4, policy, CKPT_COUNTERS, keep=2)
+    assert checkpoint.latest_checkpoint(root, "w1") == (4, r4)
+    real_rmtree = shutil.rmtree
+    removed = []
+
+    def rmtree_killed_partway(path, *a, **k):
+        if Path(path) != r4:
+            return real_rmtree(path, *a, **k)
+        # This filesystem lists COMPLETE last; remove one file, then die.
+        first = sorted((p for p in Path(path).iterdir() if p.is_file()), key=lambda p: p.name == "COMPLETE")[0]
+        first.unlink()
+        removed.append(first.name)
+        raise _Killed
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree_killed_partway)
+    with pytest.raises(_Killed):
+        checkpoint.save_checkpoint(root, "w1", 4, policy, dict(CKPT_COUNTERS, rounds_done=2), keep=2)
+    monkeypatch.undo()
+    assert removed and r4.exists()  # the old folder was half removed
+    assert [r for r, _ in checkpoint.list_checkpoints(root, "w1")] == [3]
+    assert checkpoint.latest_checkpoint(root, "w1") == (3, r3)
+    assert read_counters(r3, "w1")["rounds_done"] == 1
+    # The next retry replaces the half-removed folder.
+    checkpoint.save_checkpoint(root, "w1", 4, policy, dict(CKPT_COUNTERS, rounds_done=2), keep=2)
+    assert checkpoint.latest_checkpoint(root, "w1") == (4, r4)
+    assert read_counters(r4, "w1")["rounds_done"] == 2
 
 
 # -- progress.read_jsonl --------------------------------------------------------
