@@ -15,6 +15,7 @@ from typing import Any
 
 from sapod import failpoints, paths, schema
 from sapod.errors import Rejected
+from sapod.logs import get_logger
 from sapod.policy.base import Policy
 from sapod.store import atomic_write_json, fsync_dir, read_json
 
@@ -141,3 +142,19 @@ def read_counters(directory: Path, node_id: str) -> dict[str, Any]:
         raise Rejected("counters.json field 'cumulative_reward' missing or not finite")
     return doc
 
+
+def owed_submission(counters: dict[str, Any], node_id: str) -> tuple[int, int, dict[str, Any]] | None:
+    """(round, stage, document) of the submission a checkpoint says is still owed (a stop
+    came while it was being published), or None; one that does not check out is dropped."""
+    owed = counters.get("unsubmitted")
+    if owed is None:
+        return None
+    try:
+        if not isinstance(owed, dict) or type(owed.get("round")) is not int or type(owed.get("stage")) is not int:
+            raise Rejected("not a round, stage and document")
+        doc = owed.get("doc")
+        schema.parse_submission(doc if isinstance(doc, dict) else {}, node_id, owed["round"], owed["stage"])
+    except Rejected as exc:
+        get_logger().warning("owed_submission_dropped", reason=exc.reason)
+        return None
+    return owed["round"], owed["stage"], doc

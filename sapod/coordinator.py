@@ -16,7 +16,7 @@ import structlog
 
 from sapod import PROTOCOL, paths, schema
 from sapod.daemon import freeze_startup_heap
-from sapod.errors import Displaced, Rejected
+from sapod.errors import Displaced, Rejected, StartupError, Unreadable
 from sapod.housekeeping import round_folders, tidy_for
 from sapod.node import Node
 from sapod.peers import PeerTable
@@ -84,8 +84,18 @@ class Coordinator(Node):
 
     # -- experiment and state -----------------------------------------------------
     def _ensure_experiment(self) -> dict[str, Any]:
+        """The swarm's settings: those recorded in experiment.json, or ours, recorded now
+        if there is no such file. A file that cannot be read now is waited for (steady
+        retries), never written over; one that is not valid stops the coordinator."""
         ours = self.cfg.settings()
-        recorded = read_experiment(self.root)
+        path = paths.experiment_file(self.root)
+        try:
+            recorded = read_experiment(self.root, strict=True)
+        except Unreadable as exc:
+            raise exc.as_oserror(path) from None
+        except Rejected as exc:
+            raise StartupError(f"{path} is not a valid record of the swarm's settings ({exc.reason}): "
+                               "fix it, or remove it to record this coordinator's") from None
         if recorded is None:
             atomic_write_json(paths.experiment_file(self.root), {
                 "schema": schema.EXPERIMENT, "protocol": PROTOCOL, "created_at": time.time(),
@@ -101,10 +111,18 @@ class Coordinator(Node):
 
         A view of the folder can be stale (a replica that has not synced): a tally
         proves its round closed, so the state never reopens a round at or below the
-        highest tally seen, nor an epoch at or below one seen in a tally.
+        highest tally seen. Nodes accept only a state whose epoch is not below the one
+        they follow, so the new epoch is above every epoch seen in the state file, a
+        tally or a heartbeat (each node's says which it follows). A state file that is
+        there but cannot be read now is waited for (steady retries), not taken for none.
         """
+        assert self.reader is not None
         old = self.reader.read()
+        if old is None and isinstance(self.reader.problem, Unreadable):
+            raise self.reader.problem.as_oserror(paths.state_file(self.root))
         closed, tally_epoch = self._last_tally()
+        self.table.refresh()
+        seen_epoch = max([tally_epoch, *(p.epoch for p in self.table.peers().values())])
         now = time.time()
         if old is None:
             new = State(0, 0, 1, 1, "open", now, self.node_id, self.instance)
@@ -122,8 +140,8 @@ class Coordinator(Node):
                 new = replace(new, round=closed, stage=0, status="finished", opened_at=now)
             else:
                 new = replace(new, round=closed + 1, stage=0, opened_at=now)
-        if tally_epoch >= new.epoch:
-            new = replace(new, epoch=tally_epoch + 1)
+        if seen_epoch >= new.epoch:
+            new = replace(new, epoch=seen_epoch + 1)
         atomic_write_json(paths.state_file(self.root), schema.state_doc(new))
         self.reader.current = new
         self.epoch = new.epoch

@@ -33,3 +33,16 @@ class Rejected(SapodError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class Unreadable(Rejected):
+    """The file could not be opened or read (an I/O error, often passing on a network
+    mount), as opposed to read and found wanting; ``errno`` is the error's."""
+
+    def __init__(self, reason: str, errno: int | None = None):
+        super().__init__(reason)
+        self.errno = errno
+
+    def as_oserror(self, path: object) -> OSError:
+        """The error to raise where a caller should retry (see Node.steady)."""
+        return OSError(self.errno or 0, f"{path}: {self.reason}")

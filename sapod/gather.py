@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sapod import paths
-from sapod.errors import Rejected
+from sapod.errors import Rejected, Unreadable
 from sapod.logs import get_logger
 from sapod.sampling import select_external
 from sapod.schema import ROLLOUTS, Rollouts, envelope, parse_rollouts
@@ -216,15 +216,33 @@ def own_rollouts(root: Path, round_: int, stage: int, node_id: str,
     """What an earlier instance of this node published for the round, if it did.
 
     A node that restarts mid-round republishes nothing: peers may already have read
-    the file, and write-once means the round keeps the content they saw.
+    the file, and write-once means the round keeps the content they saw. So a file
+    that cannot be read now raises OSError (the round is tried again), never None.
     """
+    path = paths.rollout_file(root, round_, stage, node_id)
     try:
-        doc = read_json(paths.rollout_file(root, round_, stage, node_id), ROLLOUT_FILE_MAX)
+        doc = read_json(path, ROLLOUT_FILE_MAX)
         if doc is None:
             return None
         rollouts = parse_rollouts(doc, node_id, round_, stage)
         items = [tasks.check(c.task, c.seed, c.index, c.question, c.answer) for c in rollouts.items]
+    except Unreadable as exc:
+        raise exc.as_oserror(path) from None
     except Rejected as exc:
         get_logger().warning("own_rollouts_unusable", reason=exc.reason)
         return None
     return items, [list(c.completions) for c in rollouts.items]
+
+
+def own_submission(root: Path, round_: int, stage: int, node_id: str) -> bool:
+    """Whether an earlier instance of this node submitted the round (a restart after
+    submitting). A file that cannot be read now raises OSError (the round is tried
+    again); one that is not valid counts as not submitted, and is replaced."""
+    path = paths.reward_file(root, round_, stage, node_id)
+    try:
+        return read_json(path) is not None
+    except Unreadable as exc:
+        raise exc.as_oserror(path) from None
+    except Rejected as exc:
+        get_logger().warning("own_submission_unusable", reason=exc.reason)
+        return False

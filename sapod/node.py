@@ -28,6 +28,7 @@ from sapod.errors import Displaced, Rejected, StartupError, Stopping
 from sapod.executor import run_append, run_write
 from sapod.logs import RecordBuffer, get_logger, write_records
 from sapod.sdnotify import Notifier
+from sapod.state import StateReader
 from sapod.store import atomic_write_json, read_json
 from sapod.watch import Watcher, is_remote, mount_fstype, pick_watch_mode
 
@@ -54,6 +55,7 @@ class Node:
         self.beat = 0
         self.log = get_logger()
         self.watcher: Watcher | None = None
+        self.reader: StateReader | None = None  # the swarm state, once the role reads it
         self.inline_io = False
         self.watch_mode = "poll"
         self._hb_task: asyncio.Task[None] | None = None
@@ -183,7 +185,11 @@ class Node:
 
     # -- heartbeat --------------------------------------------------------------
     def _peer_doc(self) -> dict[str, Any]:
-        doc = schema.envelope(schema.PEER, self.node_id, self.instance, self.round, 0, 0)
+        # The epoch is the swarm state's this node follows: a coordinator that takes over
+        # must start above it, or the node would ignore its state (Coordinator._take_over).
+        followed = self.reader.current if self.reader is not None else None
+        doc = schema.envelope(schema.PEER, self.node_id, self.instance, self.round, 0,
+                              0 if followed is None else followed.epoch)
         doc.update(role=self.role, model=self.cfg.model, host=socket.gethostname()[:256], pid=os.getpid(),
                    version=__version__, started_at=self.started_at, beat=self.beat, phase=self.phase,
                    status=self.status)

@@ -143,6 +143,7 @@ class Peer:
     model: str
     host: str
     pid: int
+    epoch: int = 0  # the epoch of the swarm state the node follows (0: none yet)
 
 
 def parse_peer(d: dict[str, Any], node_id: str) -> Peer:
@@ -154,7 +155,7 @@ def parse_peer(d: dict[str, Any], node_id: str) -> Peer:
         node_id=node_id, instance=_str(d, "instance", 64), role=role, beat=_int(d, "beat"),
         round=_int(d, "round", -1), phase=_str(d, "phase", 32), status=_str(d, "status", 16),
         started_at=_num(d, "started_at"), model=_str(d, "model", 512), host=_str(d, "host", 256),
-        pid=_int(d, "pid"),
+        pid=_int(d, "pid"), epoch=_int(d, "epoch", hi=2**62),
     )
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from sapod import paths
-from sapod.errors import Rejected
+from sapod.errors import Rejected, Unreadable
 from sapod.logs import get_logger
 from sapod.schema import EXPERIMENT, State, parse_experiment, parse_state
 from sapod.store import read_json
@@ -28,6 +28,8 @@ class StateReader:
         self._last_reason: str | None = None
         self._log = get_logger()
         self._seen_file: tuple[int, int, int] | None = None
+        # Why the last read found no usable state, None if it found one or no file.
+        self.problem: Rejected | None = None
 
     def read(self) -> State | None:
         path = paths.state_file(self.root)
@@ -45,6 +47,9 @@ class StateReader:
             got = _parsed_once(path, ident)
         else:
             got = _parse(path)
+        self.problem = got if isinstance(got, Rejected) else None
+        if isinstance(got, Unreadable):
+            self._seen_file = None  # an I/O error passes: read this version again next time
         if got is None:
             return self.current
         if isinstance(got, Rejected):
@@ -80,16 +85,20 @@ def _parsed_once(path: Path, ident: tuple[int, int, int] | None) -> State | Reje
     if hit is not None and hit[0] == ident:
         return hit[1]
     got = _parse(path)
-    if got is not None:  # gone since the stat: nothing to share
+    if got is not None and not isinstance(got, Unreadable):  # gone since the stat, or an I/O error
         _PARSED[path] = (ident, got)
     return got
 
 
-def read_experiment(root: Path) -> dict | None:
-    """The recorded swarm settings, or None while experiment.json is absent or bad."""
+def read_experiment(root: Path, strict: bool = False) -> dict | None:
+    """The recorded swarm settings, or None while experiment.json is absent or bad.
+    ``strict``: a file that is there but unusable raises Rejected (Unreadable for an
+    I/O error) instead."""
     try:
         doc = read_json(paths.experiment_file(root))
         return None if doc is None else parse_experiment(doc)
     except Rejected as exc:
+        if strict:
+            raise
         get_logger().warning("experiment_file_rejected", reason=exc.reason, schema=EXPERIMENT)
         return None

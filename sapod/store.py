@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import structlog
 
 from sapod import failpoints
-from sapod.errors import Rejected
+from sapod.errors import Rejected, Unreadable
 
 NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 # \Z, not $: "$" also matches before a trailing newline ("w1.json\n" is not w1's file).
@@ -178,7 +178,7 @@ def read_json_sized(path: str | Path, max_bytes: int = SMALL_FILE_MAX) -> tuple[
     except FileNotFoundError:
         return None, 0
     except OSError as exc:
-        raise Rejected(f"cannot open: {exc.strerror or exc}") from None
+        raise Unreadable(f"cannot open: {exc.strerror or exc}", exc.errno) from None
     try:
         st = os.fstat(fd)
         if not _is_regular(st.st_mode):
@@ -187,7 +187,7 @@ def read_json_sized(path: str | Path, max_bytes: int = SMALL_FILE_MAX) -> tuple[
             raise Rejected(f"too large: {st.st_size} bytes > {max_bytes}")
         data = _read_at_most(fd, max_bytes + 1, st.st_size)
     except OSError as exc:
-        raise Rejected(f"cannot read: {exc.strerror or exc}") from None
+        raise Unreadable(f"cannot read: {exc.strerror or exc}", exc.errno) from None
     finally:
         os.close(fd)
     if len(data) > max_bytes:

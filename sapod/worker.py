@@ -20,18 +20,19 @@ from typing import Any, TypeVar
 import structlog
 
 from sapod import paths, schema
-from sapod.checkpoint import clear_stale_tmp, dir_bytes, free_bytes, latest_checkpoint, read_counters, save_checkpoint
+from sapod.checkpoint import (clear_stale_tmp, dir_bytes, free_bytes, list_checkpoints, owed_submission, read_counters,
+                              save_checkpoint)
 from sapod.daemon import freeze_startup_heap
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
 from sapod.executor import GPU, first_done, run_on_gpu
-from sapod.gather import GatherResult, choose_external, list_peer_rollouts, own_rollouts, rollouts_doc
+from sapod.gather import (GatherResult, choose_external, list_peer_rollouts, own_rollouts, own_submission,
+                          rollouts_doc)
 from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.policy.loader import load_policy
 from sapod.sampling import round_seed
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
-from sapod.store import read_json
 from sapod.tasks import default_system_prompt, make_task_source
 from sapod.types import Group
 from sapod.watch import folder_version
@@ -54,6 +55,9 @@ class Worker(Node):
         self.gpu_abandoned = False
         self.checkpoint_owed = False  # the last checkpoint attempt failed or was skipped
         self.checkpoint_bytes = 0  # size of the last checkpoint: the space the next one needs
+        # (round, stage, document) of a trained round whose submission is not out yet (a
+        # stop came while its publish was retried): kept in checkpoints, sent when back.
+        self.unsubmitted: tuple[int, int, dict[str, Any]] | None = None
         # Only the first round this instance runs can hold files of an earlier instance.
         self._first_round = True
 
@@ -137,17 +141,25 @@ class Worker(Node):
         await self.steady("claim_id", self.heartbeat)
 
     async def _resume(self) -> None:
+        """From the newest checkpoint that restores; an older one if the newest does not
+        (a save cut short by a power loss); none at all is a startup error."""
         if stale := await self.steady("resume", clear_stale_tmp, self.root, self.node_id):
             self.log.info("stale_checkpoint_tmp_removed", folders=stale)
-        found = await self.steady("resume", latest_checkpoint, self.root, self.node_id)
-        if found is None:
+        found = await self.steady("resume", list_checkpoints, self.root, self.node_id)
+        failed: list[str] = []
+        for round_, directory in reversed(found):
+            try:
+                counters = await self.io(read_counters, directory, self.node_id)
+                await run_on_gpu(self.policy.load, directory)
+                break
+            except (Rejected, OSError, ValueError, RuntimeError) as exc:
+                self.log.error("checkpoint_unusable", checkpoint=str(directory), error=str(exc)[:300])
+                failed.append(f"{directory}: {exc}")
+        else:
+            if failed:
+                raise StartupError(f"no checkpoint can be restored ({'; '.join(failed)})")
             return
-        round_, directory = found
-        try:
-            counters = await self.io(read_counters, directory, self.node_id)
-            await run_on_gpu(self.policy.load, directory)
-        except (Rejected, OSError, ValueError, RuntimeError) as exc:
-            raise StartupError(f"checkpoint {directory} cannot be restored: {exc}") from exc
+        self.unsubmitted = owed_submission(counters, self.node_id)
         self.last_round = counters["round"]
         self.rounds_done = counters["rounds_done"]
         self.cumulative_reward = float(counters["cumulative_reward"])
@@ -162,6 +174,8 @@ class Worker(Node):
         self.flush_records()  # the round's records, one append per file, written meanwhile
         while not self.stop.is_set():
             state = await self.io(self.reader.read)
+            if state is not None and self.unsubmitted is not None:
+                await self._submit_owed(state)
             if state is not None and (state.status == "finished" or state.round > self.last_round):
                 return state
             await self.wait_event()
@@ -190,7 +204,7 @@ class Worker(Node):
         self.round = r
         structlog.contextvars.bind_contextvars(round=r, stage=s)
         first, self._first_round = self._first_round, False
-        if first and await self.io(read_json, paths.reward_file(self.root, r, s, self.node_id)) is not None:
+        if first and await self.io(own_submission, self.root, r, s, self.node_id):
             self.log.info("already_submitted", round=r)  # a restart after submitting
             self.last_round = r
             return
@@ -245,7 +259,9 @@ class Worker(Node):
                                     reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
                                     external_sources=[g.source for g in external],
                                     cumulative_reward=self.cumulative_reward)
+        self.unsubmitted = (r, s, sub)
         closed, submitted_at = await self._submit(r, s, sub)
+        self.unsubmitted = None
 
         t_ckpt = 0.0
         if (r + 1) % cfg.checkpoint_interval == 0 or self.checkpoint_owed:
@@ -282,6 +298,19 @@ class Worker(Node):
             except OSError as exc:
                 self._check_stop()
                 await self.io_trouble(exc, "submit")
+
+    async def _submit_owed(self, state: State) -> None:
+        """The submission of a round trained on before a stop, while that round is open:
+        the coordinator waits for it (with a single worker, for ever)."""
+        assert self.unsubmitted is not None
+        r, s, doc = self.unsubmitted
+        if state.round < r and state.status == "open":
+            return  # a view from before that round: wait for a newer one
+        if (state.round, state.stage, state.status) == (r, s, "open"):
+            closed, _ = await self._submit(r, s, doc)
+            if not closed:
+                self.log.info("owed_submission_published", round=r)
+        self.unsubmitted = None
 
     def _score(self, item: Any, completions: list[str]) -> list[float]:
         return [self.tasks.score(item, c) for c in completions]
@@ -333,7 +362,9 @@ class Worker(Node):
                 "external_used": self.external_used, "instance": self.instance, "seed": self.cfg.seed,
                 # Every random choice is seeded from (SEED, node, round, purpose), so the
                 # round number is the whole RNG state a resume needs.
-                "rng": "derived from (seed, node_id, round, purpose)"}
+                "rng": "derived from (seed, node_id, round, purpose)",
+                "unsubmitted": None if self.unsubmitted is None else dict(
+                    zip(("round", "stage", "doc"), self.unsubmitted))}
 
     async def _checkpoint(self) -> float:
         """Save, unless the disk cannot hold it: a failed or skipped checkpoint leaves
