@@ -21,6 +21,9 @@ from sapod.errors import Displaced, StartupError
 from sapod.logs import configure_logging, get_logger
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_START, EXIT_DISPLACED = 0, 1, 2, 3, 4
+# A stop request: systemd's SIGTERM, Ctrl-C's SIGINT, and SIGHUP from a closed terminal
+# or `tmux kill-session` (sapod has nothing to reload).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # The cyclic collector's thresholds once start-up is over (CPython's are 700, 10, 10).
 # Nearly all of a round's garbage is freed by reference counting; what the collector
@@ -72,12 +75,15 @@ async def serve(cfg: Config) -> int:
         name = signal.Signals(signum).name
         if stop.is_set():
             log.warning("forced_exit", signal=name)
-            sys.stdout.flush()
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError):  # nobody reads it any more
+                pass
             os._exit(EXIT_CRASH)
+        stop.set()  # before logging: nothing may come between a signal and the stop
         log.info("stop_requested", signal=name, stop_timeout=cfg.stop_timeout)
-        stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     node = make_node(cfg, stop)
     try:
@@ -93,7 +99,7 @@ async def serve(cfg: Config) -> int:
         log.exception("crashed")
         return EXIT_CRASH
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
 
 

@@ -8,6 +8,7 @@ thread. Also the append-only JSONL records each node keeps in the shared folder.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,9 +38,42 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.PrintLoggerFactory(file=_LogStream(stream)),
         cache_logger_on_first_use=False,
     )
+
+
+class _LogStream:
+    """The log's stream, where a write that fails ends the log, never the node.
+
+    A reader of stdout can go away: ``sapod ... | tee`` in tmux loses tee to the Ctrl-C
+    meant for sapod, a log shipper restarts, a terminal closes. A failed write then
+    raised out of whatever was logging (a signal handler, a shutdown, a checkpoint).
+    The stream's descriptor is pointed at /dev/null instead, so later writes and
+    Python's own flush at exit go nowhere quietly."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except (OSError, ValueError):  # EPIPE, EIO; ValueError: a closed stream
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):
+                pass
 
 
 class _FromStdlib(logging.Handler):
@@ -59,16 +93,36 @@ def get_logger(name: str = "sapod") -> Any:
 def append_jsonl(path: Path, records: list[dict[str, Any]]) -> bool:
     """Append JSON lines in one write; a failure is logged, never fatal. True if written."""
     IO["appends"] += 1
+    data = b"".join(_record_bytes(r) + b"\n" for r in records)
     try:
         fd = open_creating_parents(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
-            write_all(fd, b"".join(dumps(r) + b"\n" for r in records))
+            write_all(fd, data)
         finally:
             os.close(fd)
         return True
     except OSError as exc:
         get_logger().warning("records_not_written", path=str(path), records=len(records), error=str(exc))
         return False
+
+
+def _record_bytes(record: dict[str, Any]) -> bytes:
+    """A record as strict JSON; NaN and infinities (an overflowed gradient norm, say)
+    become null rather than costing the row and the rest of its batch."""
+    try:
+        return dumps(record)
+    except ValueError:
+        return dumps(_finite(record))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class RecordBuffer:

@@ -37,8 +37,8 @@ python_bin=$(dirname "$(command -v sapod)")/python
     done
 } > "$envfile"
 
-node_cmd() {  # role node_id
-    printf 'cd %q && . %q && sapod --role %s --node-id %q 2>&1 | tee -a %q; echo "[%s exited: ${PIPESTATUS[0]}]"; read -r' \
+node_cmd() {  # role node_id; tee -i: a Ctrl-C in the pane is for sapod, tee keeps its last lines
+    printf 'cd %q && . %q && sapod --role %s --node-id %q 2>&1 | tee -ai %q; echo "[%s exited: ${PIPESTATUS[0]}]"; read -r' \
         "$PWD" "$envfile" "$1" "$2" "$logdir/$2.log" "$2"
 }
 
