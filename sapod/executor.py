@@ -22,7 +22,7 @@ import contextvars
 import functools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -107,6 +107,18 @@ GPU = Lane("sapod-gpu", 1)
 WRITES = Lane("sapod-write", 4, max_threads=32)
 # JSONL appends (a node has one batch in flight at a time, so its records stay in order).
 RECORDS = Lane("sapod-records", 4)
+
+
+async def finish(aw: Awaitable[T]) -> T:
+    """``await aw`` through to its end even if the awaiting task is cancelled meanwhile
+    (the cancel is raised after it): for work in a thread, which a cancel does not stop,
+    and which must not land after what the cancelled task's successor writes."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
 
 
 async def first_done(*futures: asyncio.Future[Any]) -> None:

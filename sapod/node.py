@@ -25,7 +25,7 @@ import structlog
 from sapod import __version__, paths, schema
 from sapod.config import Config
 from sapod.errors import Displaced, Rejected, StartupError, Stopping
-from sapod.executor import run_append, run_write
+from sapod.executor import finish, run_append, run_write
 from sapod.logs import RecordBuffer, get_logger, write_records
 from sapod.sdnotify import Notifier
 from sapod.state import StateReader
@@ -248,7 +248,10 @@ class Node:
     async def heartbeat(self) -> None:
         async with self._hb_lock:
             await self.io(self._check_owner)
-            await self.io(self._write_peer)
+            # On a network mount the write runs in a thread, which a cancel (at shutdown)
+            # does not stop: the lock is held until it lands, or it could land after the
+            # final "stopped" beat and say "running" again.
+            await finish(self.io(self._write_peer))
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -68,7 +68,11 @@ class Worker(Node):
         loading = asyncio.ensure_future(run_on_gpu(lambda: load_policy(self.cfg, default_system_prompt())))
         try:
             await self._claim_id()
-            self.policy = await loading
+            assert self.stopping is not None
+            await first_done(loading, self.stopping)  # a stop need not wait for a slow load
+            if not loading.done():
+                raise Stopping()
+            self.policy = loading.result()
         except (StartupError, Displaced, Stopping):
             loading.cancel()
             raise

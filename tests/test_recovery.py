@@ -11,6 +11,8 @@ import asyncio
 import errno
 import json
 import os
+import threading
+import time
 import types
 
 import pytest
@@ -26,6 +28,7 @@ from sapod.policy.scripted import ScriptedPolicy
 from sapod.state import StateReader
 from sapod.store import atomic_write_json, read_json
 from sapod.tasks import make_task_source
+from sapod import worker as worker_module
 from sapod.worker import Worker
 
 
@@ -242,3 +245,67 @@ def test_a_worker_resumes_from_an_older_checkpoint_when_the_newest_is_unusable(m
     w.policy = ScriptedPolicy()
     with pytest.raises(StartupError, match="no checkpoint can be restored"):
         asyncio.run(resume(w))
+
+
+def test_a_heartbeat_write_in_flight_at_a_stop_never_lands_after_the_final_one(make_cfg, monkeypatch):
+    """On a network mount a heartbeat's write runs in a thread, which cancelling the
+    heartbeat task does not stop: the final "stopped" beat must come after it."""
+    monkeypatch.setattr(node_module, "is_remote", lambda fstype: True)
+    real = node_module.atomic_write_json
+    in_flight = threading.Event()
+
+    def slow(path, doc, durable=True):
+        if doc.get("status") == "running" and doc.get("beat", 0) >= 3:
+            in_flight.set()
+            time.sleep(1.0)  # a Drive write that takes a moment
+        real(path, doc, durable)
+
+    monkeypatch.setattr(node_module, "atomic_write_json", slow)
+
+    class Idle(node_module.Node):
+        role = "worker"
+
+        async def main(self):
+            await self.set_phase("idle")
+            await self.stop.wait()
+
+    n = Idle(make_cfg("worker", "w7", heartbeat_interval=0.2))
+
+    async def go():
+        t = asyncio.create_task(n.run())
+        while not in_flight.is_set():
+            await asyncio.sleep(0.01)
+        n.stop.set()  # SIGTERM while that write is in flight
+        await asyncio.wait_for(t, 20)
+        await asyncio.sleep(1.5)  # time for a write left behind to land
+
+    asyncio.run(go())
+    assert read_json(paths.peer_file(n.root, "w7"))["status"] == "stopped"
+
+
+def test_a_stop_does_not_wait_for_the_model_to_load(make_cfg, monkeypatch):
+    """A hub download or a big model on a slow disk: the worker stops at once (the
+    loading thread is left to the process's exit, which does not wait for it)."""
+    release = threading.Event()
+    real = worker_module.load_policy
+
+    def slow_load(cfg, prompt):
+        release.wait(30)
+        return real(cfg, prompt)
+
+    monkeypatch.setattr(worker_module, "load_policy", slow_load)
+    w = Worker(make_cfg("worker", "w8"))
+
+    async def go():
+        t = asyncio.create_task(w.run())
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        w.stop.set()
+        await asyncio.wait_for(t, 20)
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(go())
+    finally:
+        release.set()
+    assert took < 5 and w.phase == "register"
