@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,30 @@ def _convert(opt: Option, raw: Any, source: str) -> Any:
     if opt.check is not None and not opt.check(value):
         raise ConfigError(f"{where}={raw!r} is not allowed: must be {opt.allowed}")
     return value
+
+
+def recorded_settings(recorded: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """Those of ``keys`` that a record of settings (experiment.json) holds, each held to its
+    option's rules, its type and allowed values: ConfigError names the first that breaks
+    them (a hand edit, another version's coordinator), rather than a crash rounds later."""
+    out = {}
+    for key in keys:
+        if key not in recorded:
+            continue
+        opt, value = BY_FIELD[key], recorded[key]
+        kind = opt.kind if isinstance(opt.kind, type) else None
+        if kind is float and type(value) is int:
+            value = float(value)
+        try:
+            ok = kind is None or (isinstance(value, kind) and isinstance(value, bool) == (kind is bool))
+            ok = ok and (opt.check is None or bool(opt.check(value)))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            must = opt.allowed or (kind.__name__ if kind is not None else "a valid value")
+            raise ConfigError(f"settings.{key}={value!r} is not allowed: must be {must}")
+        out[key] = value
+    return out
 
 
 def build_config(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None,

@@ -15,8 +15,9 @@ from typing import Any
 import structlog
 
 from sapod import PROTOCOL, paths, schema
+from sapod.config import recorded_settings
 from sapod.daemon import freeze_startup_heap
-from sapod.errors import Displaced, Rejected, StartupError, Unreadable
+from sapod.errors import ConfigError, Displaced, Rejected, StartupError, Unreadable
 from sapod.housekeeping import round_folders, tidy_for
 from sapod.node import Node
 from sapod.peers import PeerTable
@@ -101,10 +102,14 @@ class Coordinator(Node):
                 "schema": schema.EXPERIMENT, "protocol": PROTOCOL, "created_at": time.time(),
                 "created_by": {"node_id": self.node_id, "instance": self.instance}, "settings": ours})
             return ours
-        differ = {k: (recorded.get(k), v) for k, v in ours.items() if recorded.get(k) != v and k != "max_rounds"}
+        try:
+            theirs = recorded_settings(recorded, [k for k in ours if k != "max_rounds"])
+        except ConfigError as exc:
+            raise StartupError(f"{path}: {exc}") from None
+        differ = sorted(k for k, v in theirs.items() if ours[k] != v)
         if differ:
-            self.log.warning("experiment_settings_differ", recorded_wins=sorted(differ))
-        return {**ours, **{k: v for k, v in recorded.items() if k in ours and k != "max_rounds"}}
+            self.log.warning("experiment_settings_differ", recorded_wins=differ)
+        return {**ours, **theirs}
 
     def _take_over(self) -> State:
         """Start or resume the swarm's state one epoch above whatever is there.

@@ -23,7 +23,8 @@ from sapod import paths, schema
 from sapod.checkpoint import (clear_stale_tmp, dir_bytes, free_bytes, list_checkpoints, owed_submission, read_counters,
                               save_checkpoint)
 from sapod.daemon import freeze_startup_heap
-from sapod.errors import Displaced, Rejected, StartupError, Stopping
+from sapod.config import recorded_settings
+from sapod.errors import ConfigError, Displaced, Rejected, StartupError, Stopping
 from sapod.executor import GPU, first_done, run_on_gpu
 from sapod.gather import (GatherResult, choose_external, list_peer_rollouts, own_rollouts, own_submission,
                           rollouts_doc)
@@ -126,7 +127,11 @@ class Worker(Node):
             if self.stop.is_set():
                 raise Stopping()
             await self.wait_event()
-        changes = {k: settings[k] for k in SWARM_SETTINGS if k in settings and settings[k] != getattr(self.cfg, k)}
+        try:
+            recorded = recorded_settings(settings, SWARM_SETTINGS)
+        except ConfigError as exc:
+            raise StartupError(f"{paths.experiment_file(self.root)}: {exc}") from None
+        changes = {k: v for k, v in recorded.items() if v != getattr(self.cfg, k)}
         if changes:
             self.log.info("settings_from_experiment", **changes)
             self.cfg = self.cfg.with_(**changes)

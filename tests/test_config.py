@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sapod.cli import main
-from sapod.config import OPTIONS, build_config
+from sapod.config import OPTIONS, build_config, recorded_settings
 from sapod.errors import ConfigError
 
 ENV = {"GDRIVE_PATH": "/tmp/shared"}
@@ -84,3 +85,23 @@ def test_readme_documents_every_option():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for opt in OPTIONS:
         assert f"| `{opt.env}` | `{opt.flag}` |" in readme, opt.env
+
+
+@pytest.mark.parametrize("recorded, problem", [
+    ({"num_train_samples": "2"}, "settings.num_train_samples='2'"),
+    ({"num_generations": 0}, "settings.num_generations=0"),
+    ({"num_transplant_trees": True}, "settings.num_transplant_trees=True"),
+    ({"tasks": 5}, "settings.tasks=5"),
+    ({"seed": 1.5}, "settings.seed=1.5"),
+])
+def test_recorded_settings_are_held_to_their_options_rules(recorded, problem):
+    """experiment.json is a file anyone can edit: a bad value is a one-line error naming
+    it, not a TypeError or ZeroDivisionError rounds later."""
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        recorded_settings(recorded, list(recorded))
+
+
+def test_recorded_settings_pass_good_values_and_leave_out_what_is_not_asked():
+    got = recorded_settings({"num_train_samples": 3, "tasks": "easy", "seed": 7, "other": "x"},
+                            ["num_train_samples", "tasks", "seed", "num_generations"])
+    assert got == {"num_train_samples": 3, "tasks": "easy", "seed": 7}

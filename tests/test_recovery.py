@@ -19,7 +19,7 @@ import pytest
 
 from conftest import run_nodes
 from sapod import node as node_module
-from sapod import paths, schema, store
+from sapod import PROTOCOL, paths, schema, store
 from sapod.checkpoint import list_checkpoints
 from sapod.coordinator import Coordinator
 from sapod.errors import StartupError, Unreadable
@@ -309,3 +309,14 @@ def test_a_stop_does_not_wait_for_the_model_to_load(make_cfg, monkeypatch):
     finally:
         release.set()
     assert took < 5 and w.phase == "register"
+
+
+def test_a_worker_refuses_recorded_settings_that_break_their_rules(make_cfg):
+    """A hand-edited experiment.json: a one-line startup error naming the setting (exit 3),
+    not a ZeroDivisionError in the first round."""
+    w = Worker(make_cfg("worker", "w1"))
+    path = paths.experiment_file(w.root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"schema": schema.EXPERIMENT, "protocol": PROTOCOL, "settings": {"num_generations": 0}})
+    with pytest.raises(StartupError, match="settings.num_generations=0 is not allowed"):
+        asyncio.run(asyncio.wait_for(w.run(), 30))
