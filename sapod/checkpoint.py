@@ -17,6 +17,7 @@ from sapod import failpoints, paths, schema
 from sapod.errors import Rejected
 from sapod.logs import get_logger
 from sapod.policy.base import Policy
+from sapod.progress import count, finite, metrics_since
 from sapod.store import atomic_write_json, fsync_dir, read_json
 
 COUNTERS = "counters.json"
@@ -158,3 +159,18 @@ def owed_submission(counters: dict[str, Any], node_id: str) -> tuple[int, int, d
         get_logger().warning("owed_submission_dropped", reason=exc.reason)
         return None
     return owed["round"], owed["stage"], doc
+
+
+def carried_forward(root: Path, node_id: str, counters: dict[str, Any]) -> dict[str, Any]:
+    """``counters`` with the rounds the node played after the checkpoint was saved (a crash
+    between checkpoints), from its metrics rows: the model goes back to the checkpoint,
+    the reward it earned since does not (``cumulative_reward`` never goes down). Rows are
+    read from the file's tail, which holds dozens of rounds; the last one carries the
+    cumulative reward, so that stays exact even if the count of rounds falls short."""
+    since = metrics_since(root, node_id, counters["round"])
+    if not since:
+        return counters
+    cumulative = since[-1].get("cumulative_reward")
+    return {**counters, "rounds_done": counters["rounds_done"] + len({r["round"] for r in since}),
+            "cumulative_reward": float(cumulative) if finite(cumulative) else counters["cumulative_reward"],
+            "external_used": int(counters.get("external_used", 0)) + sum(count(r.get("n_external")) for r in since)}

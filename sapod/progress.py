@@ -16,10 +16,12 @@ from typing import Any
 
 from sapod import paths
 from sapod.state import StateReader
-from sapod.store import NODE_ID_PATTERN, valid_node_id
+from sapod.errors import Rejected
+from sapod.store import NODE_ID_PATTERN, parse_json_bytes, valid_node_id
 
 PROGRESS_RE = re.compile(rf"^progress_({NODE_ID_PATTERN})\.jsonl\Z")
 MAX_LINE = 1 << 20
+TAIL_BYTES = 64 * 1024  # metrics rows are ~1 KB; this holds dozens of rounds
 MAX_ROUND = 2**63  # as schema's integer fields: a round past this is not one a node wrote
 
 
@@ -42,9 +44,45 @@ def metrics_row_ok(row: dict[str, Any]) -> bool:
             and finite(row.get("reward_mean")))
 
 
-def _count(value: Any) -> int:
+def count(value: Any) -> int:
     """A non-negative integer count; anything else counts as 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def read_tail(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict[str, Any]]:
+    """The complete JSON rows in the last ``max_bytes`` of a JSONL file; [] when unreadable.
+
+    Opens like store.read_json (no symlinks, non-blocking, regular files only) so a
+    FIFO or a link planted in the folder cannot hang or redirect us.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return []
+        start = max(0, st.st_size - max_bytes)
+        os.lseek(fd, start, os.SEEK_SET)
+        data = os.read(fd, max_bytes)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    lines = data.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # cut in the middle by the seek
+    rows = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse_json_bytes(line))
+        except Rejected:
+            continue  # the row still being appended, or damaged
+    return rows
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -102,7 +140,7 @@ def metrics_summary(root: Path, node_id: str) -> dict[str, Any]:
         "rounds": len(rows),
         "mean_reward": sum(means) / len(means) if means else 0.0,
         "cumulative_reward": float(cumulative) if finite(cumulative) else 0.0,
-        "external_used": sum(_count(r.get("n_external")) for r in rows),
+        "external_used": sum(count(r.get("n_external")) for r in rows),
         "last_round": rows[-1]["round"] if rows else -1,
     }
 
@@ -135,3 +173,9 @@ def get_experiment_progress(shared_root: str | Path, experiment: str) -> dict[st
                                               "epoch": state.epoch, "seq": state.seq},
         "nodes": nodes,
     }
+
+
+def metrics_since(root: Path, node_id: str, round_: int) -> list[dict[str, Any]]:
+    """The node's well-formed metrics rows (``metrics_row_ok``) of rounds after ``round_``,
+    from the tail of its metrics.jsonl (what a crash between checkpoints leaves behind)."""
+    return [r for r in read_tail(paths.metrics_file(root, node_id)) if metrics_row_ok(r) and r["round"] > round_]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -21,14 +19,11 @@ from typing import Any
 
 from sapod import paths
 from sapod.config import Config, add_arguments, build_config
-from sapod.errors import Rejected
 from sapod.logs import configure_logging
 from sapod.peers import GONE, PeerTable
-from sapod.progress import finite, metrics_row_ok
+from sapod.progress import finite, metrics_row_ok, read_tail
 from sapod.state import StateReader, read_experiment
-from sapod.store import parse_json_bytes
 
-TAIL_BYTES = 64 * 1024  # metrics rows are ~1 KB; this holds dozens of rounds
 MAX_WINDOW = 30.0  # a one-shot status never blocks longer than this on heartbeats
 
 
@@ -95,42 +90,6 @@ class HeartbeatWatch:
 
 
 # -- metrics tail -----------------------------------------------------------------
-
-def read_tail(path: Path, max_bytes: int = TAIL_BYTES) -> list[dict[str, Any]]:
-    """The complete JSON rows in the last ``max_bytes`` of a JSONL file; [] when unreadable.
-
-    Opens like store.read_json (no symlinks, non-blocking, regular files only) so a
-    FIFO or a link planted in the folder cannot hang or redirect us.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return []
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return []
-        start = max(0, st.st_size - max_bytes)
-        os.lseek(fd, start, os.SEEK_SET)
-        data = os.read(fd, max_bytes)
-    except OSError:
-        return []
-    finally:
-        os.close(fd)
-    lines = data.split(b"\n")
-    if start > 0:
-        lines = lines[1:]  # cut in the middle by the seek
-    rows = []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rows.append(parse_json_bytes(line))
-        except Rejected:
-            continue  # the row still being appended, or damaged
-    return rows
-
 
 def _number(row: dict[str, Any], key: str) -> float | None:
     value = row.get(key)

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import structlog
 
 from sapod import paths, schema
-from sapod.checkpoint import (clear_stale_tmp, dir_bytes, free_bytes, list_checkpoints, owed_submission, read_counters,
-                              save_checkpoint)
+from sapod.checkpoint import (carried_forward, clear_stale_tmp, dir_bytes, free_bytes, list_checkpoints, owed_submission,
+                              read_counters, save_checkpoint)
 from sapod.daemon import freeze_startup_heap
 from sapod.config import recorded_settings
 from sapod.errors import ConfigError, Displaced, Rejected, StartupError, Stopping
@@ -169,6 +169,7 @@ class Worker(Node):
                 raise StartupError(f"no checkpoint can be restored ({'; '.join(failed)})")
             return
         self.unsubmitted = owed_submission(counters, self.node_id)
+        counters = await self.io(carried_forward, self.root, self.node_id, counters)
         self.last_round = counters["round"]
         self.rounds_done = counters["rounds_done"]
         self.cumulative_reward = float(counters["cumulative_reward"])

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import os
+import shutil
 import threading
 import time
 import types
@@ -320,3 +321,24 @@ def test_a_worker_refuses_recorded_settings_that_break_their_rules(make_cfg):
     atomic_write_json(path, {"schema": schema.EXPERIMENT, "protocol": PROTOCOL, "settings": {"num_generations": 0}})
     with pytest.raises(StartupError, match="settings.num_generations=0 is not allowed"):
         asyncio.run(asyncio.wait_for(w.run(), 30))
+
+
+def test_the_reward_earned_after_the_last_checkpoint_is_not_lost_to_a_crash(make_cfg):
+    """A crash between checkpoints takes the model back to the last one, but the rounds
+    played since were scored and submitted: cumulative_reward never goes down, and the
+    rounds count. (Checkpoints of rounds 1 and 2 removed, as if the worker had been
+    killed with only round 0's written.)"""
+    first = dict(max_rounds=3, checkpoint_interval=1, checkpoint_keep=5)
+    run_nodes(Coordinator(make_cfg("coordinator", "coord", **first)), Worker(make_cfg("worker", "w1", **first)))
+    root = make_cfg().root
+    for r in (1, 2):
+        shutil.rmtree(paths.checkpoint_dir(root, r, "w1"))
+    w = Worker(make_cfg("worker", "w1", max_rounds=5, checkpoint_interval=1))
+    run_nodes(Coordinator(make_cfg("coordinator", "coord", max_rounds=5, checkpoint_interval=1)), w)
+    rows = [json.loads(line) for line in paths.metrics_file(root, "w1").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    running = 0.0
+    for row in rows:
+        running += row["reward_mean"]
+        assert row["cumulative_reward"] == pytest.approx(running)
+    assert w.rounds_done == 5
