@@ -18,7 +18,7 @@ from sapod import PROTOCOL, paths, schema
 from sapod.config import recorded_settings
 from sapod.daemon import freeze_startup_heap
 from sapod.errors import ConfigError, Displaced, Rejected, StartupError, Unreadable
-from sapod.housekeeping import round_folders, tidy_for
+from sapod.housekeeping import round_folders, set_aside_archives, tidy_for
 from sapod.node import Node
 from sapod.peers import PeerTable
 from sapod.rounds import TIMED_OUT, RoundBook
@@ -97,7 +97,9 @@ class Coordinator(Node):
         except Rejected as exc:
             raise StartupError(f"{path} is not a valid record of the swarm's settings ({exc.reason}): "
                                "fix it, or remove it to record this coordinator's") from None
-        if recorded is None:
+        if recorded is None:  # a new run
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            set_aside_archives(paths.archives_dir(self.cfg.shared), self.root.name, stamp)
             atomic_write_json(paths.experiment_file(self.root), {
                 "schema": schema.EXPERIMENT, "protocol": PROTOCOL, "created_at": time.time(),
                 "created_by": {"node_id": self.node_id, "instance": self.instance}, "settings": ours})

@@ -34,6 +34,27 @@ def _archive_file(archives: Path, experiment: str, round_: int) -> Path:
     return Path(archives) / experiment / f"round_{round_}.tar.gz"
 
 
+def set_aside_archives(archives: Path, experiment: str, stamp: str) -> Path | None:
+    """A new run under a reused EXPERIMENT_NAME: move an earlier run's archives out of its
+    way, to ``archives/{experiment}.before-{stamp}``, and return where. Otherwise the new
+    run's rounds would be found "archived already" and removed unarchived. None when there
+    is nothing of an earlier run there; an error is logged, not raised (archives of both
+    runs then share the folder, and a round the old run archived is not archived again)."""
+    folder = _archive_file(archives, experiment, 0).parent
+    try:
+        if not any(paths.round_number(n.split(".", 1)[0]) is not None for n in os.listdir(folder)):
+            return None
+        aside = folder.with_name(f"{folder.name}.before-{stamp}")
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        get_logger().warning("earlier_archives_not_moved", folder=str(folder), reason=_why(exc))
+        return None
+    get_logger().warning("earlier_archives_moved", experiment=experiment, to=str(aside))
+    return aside
+
+
 def should_tidy(open_round: int, keep_last: int) -> bool:
     """Whether any round can be old enough to go (cheap; no file access)."""
     return open_round - keep_last + 1 > 0

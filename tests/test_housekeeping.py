@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import tarfile
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_rows
+from conftest import read_rows, run_nodes
 from sapod import paths
 from sapod.coordinator import Coordinator
 from sapod.housekeeping import should_tidy, tidy_for, tidy_rounds
@@ -218,3 +219,30 @@ def test_tidy_for_follows_the_config(make_cfg):
     counts = tidy_for(on, 11)
     assert counts["rounds_removed"] == 9 and counts["rounds_archived"] == 9
     assert (paths.archives_dir(on.shared) / "t" / "round_8.tar.gz").is_file()
+
+
+def test_a_new_run_under_a_reused_name_archives_its_own_rounds(make_cfg):
+    """The experiment folder was deleted and the name reused: the earlier run's archives
+    are moved aside, so the new run's rounds are archived too (they were found "archived
+    already" and removed unarchived), and neither run's archives are mixed or lost."""
+    over = dict(max_rounds=5, rollout_cleanup_enabled="true", rollout_archive_old="true", rollout_keep_last_n_rounds=2)
+
+    def run_once() -> tuple[Path, str]:
+        coord = Coordinator(make_cfg("coordinator", "coord", **over))
+        assert run_nodes(coord, Worker(make_cfg("worker", "w1", **over))) == [None, None]
+        return coord.root, coord.instance
+
+    root, first = run_once()
+    archives = paths.archives_dir(root.parent.parent)
+    shutil.rmtree(root)
+    root, second = run_once()
+
+    def tally_instance(archive: Path, r: int) -> str:
+        with tarfile.open(archive) as tar:
+            return json.loads(tar.extractfile(f"rewards/round_{r}/stage_0/_tally.json").read())["instance"]
+
+    aside = [p for p in archives.iterdir() if p.name.startswith("t.before-")]
+    assert len(aside) == 1
+    for folder, instance in ((aside[0], first), (archives / "t", second)):
+        assert sorted(os.listdir(folder)) == [f"round_{r}.tar.gz" for r in range(3)]
+        assert all(tally_instance(folder / f"round_{r}.tar.gz", r) == instance for r in range(3))
