@@ -7,6 +7,7 @@ thread. Also the append-only JSONL records each node keeps in the shared folder.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -43,14 +44,20 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     )
 
 
+# The stream's reader or device is gone for good (a closed pipe or terminal): a ValueError
+# (a closed file object) too.
+_GONE = frozenset({errno.EPIPE, errno.EIO, errno.EBADF, errno.ENXIO})
+
+
 class _LogStream:
     """The log's stream, where a write that fails ends the log, never the node.
 
     A reader of stdout can go away: ``sapod ... | tee`` in tmux loses tee to the Ctrl-C
     meant for sapod, a log shipper restarts, a terminal closes. A failed write then
     raised out of whatever was logging (a signal handler, a shutdown, a checkpoint).
-    The stream's descriptor is pointed at /dev/null instead, so later writes and
-    Python's own flush at exit go nowhere quietly."""
+    When the reader is gone for good the stream's descriptor is pointed at /dev/null,
+    so later writes and Python's own flush at exit go nowhere quietly; any other write
+    error (a full disk or pipe) costs that line only."""
 
     def __init__(self, stream: Any):
         self._stream = stream
@@ -67,7 +74,9 @@ class _LogStream:
     def _guard(self, fn: Any, *args: Any) -> None:
         try:
             fn(*args)
-        except (OSError, ValueError):  # EPIPE, EIO; ValueError: a closed stream
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in _GONE:
+                return  # a full pipe or disk: this line is lost, the next may get through
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, self._stream.fileno())

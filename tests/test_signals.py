@@ -109,3 +109,28 @@ def test_non_finite_numbers_cost_neither_the_record_nor_its_batch(tmp_path):
     got = [json.loads(line) for line in path.read_text().splitlines()]
     assert got == [{"round": 0, "grad_norm": 1.5}, {"round": 1, "grad_norm": None, "x": [None, 2.0]},
                    {"round": 2, "loss": None}]
+
+
+def test_a_log_stream_whose_reader_is_gone_goes_quiet_and_other_errors_cost_one_line():
+    from sapod.logs import _LogStream
+
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w", buffering=1)
+    log = _LogStream(stream)
+    log.write("first\n")
+    assert os.read(read_end, 100) == b"first\n"
+    os.close(read_end)  # the reader dies
+    log.write("into a broken pipe\n")  # EPIPE: not raised, and the descriptor now goes to /dev/null
+    log.write("and on\n")
+    log.flush()
+    assert os.readlink(f"/proc/self/fd/{stream.fileno()}") == os.devnull
+    stream.close()
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def fileno(self):
+            raise AssertionError("a full disk is not a reader gone: the stream is kept")
+
+    _LogStream(Full()).write("lost, and only this line\n")
