@@ -22,6 +22,7 @@ from sapod.store import IO, dumps, open_creating_parents, write_all
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     """Configure structlog for the process: JSON lines or the console view, at ``level``."""
+    follow = stream is None or stream is sys.stdout  # whatever sys.stdout is at each write
     stream = stream or sys.stdout
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     processors: list[Any] = [
@@ -39,7 +40,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=_LogStream(stream)),
+        logger_factory=structlog.PrintLoggerFactory(file=_LogStream(None if follow else stream)),
         cache_logger_on_first_use=False,
     )
 
@@ -59,27 +60,31 @@ class _LogStream:
     so later writes and Python's own flush at exit go nowhere quietly; any other write
     error (a full disk or pipe) costs that line only."""
 
-    def __init__(self, stream: Any):
-        self._stream = stream
+    def __init__(self, stream: Any = None):
+        self._stream = stream  # None: sys.stdout as it is at each write (a test's capture, say)
+
+    def _target(self) -> Any:
+        return sys.stdout if self._stream is None else self._stream
 
     def write(self, text: str) -> None:
-        self._guard(self._stream.write, text)
+        self._guard("write", text)
 
     def flush(self) -> None:
-        self._guard(self._stream.flush)
+        self._guard("flush")
 
     def isatty(self) -> bool:
-        return bool(self._stream.isatty())
+        return bool(self._target().isatty())
 
-    def _guard(self, fn: Any, *args: Any) -> None:
+    def _guard(self, method: str, *args: Any) -> None:
+        target = self._target()
         try:
-            fn(*args)
+            getattr(target, method)(*args)
         except (OSError, ValueError) as exc:
             if isinstance(exc, OSError) and exc.errno not in _GONE:
                 return  # a full pipe or disk: this line is lost, the next may get through
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self._stream.fileno())
+                os.dup2(devnull, target.fileno())
                 os.close(devnull)
             except (OSError, ValueError, AttributeError):
                 pass
