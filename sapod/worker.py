@@ -269,25 +269,29 @@ class Worker(Node):
                                     reward_sum=reward_sum, n_completions=len(own), n_local=len(local),
                                     external_sources=[g.source for g in external],
                                     cumulative_reward=self.cumulative_reward)
-        self.unsubmitted = (r, s, sub)
-        closed, submitted_at = await self._submit(r, s, sub)
-        self.unsubmitted = None
-
-        t_ckpt = 0.0
-        if (r + 1) % cfg.checkpoint_interval == 0 or self.checkpoint_owed:
-            t_ckpt = await self._checkpoint()
         row = {
             "ts": time.time(), "round": r, "stage": s, "node_id": self.node_id, "rewards": own,
             "reward_mean": reward_mean, "reward_sum": reward_sum, "cumulative_reward": self.cumulative_reward,
             "n_local": len(local), "n_external": len(external), "external_from": sorted({g.source for g in external}),
             "external_available": available, "dropped_zero_advantage": dropped,
-            "rejected_invalid": result.invalid_items + len(result.rejected), "submitted": not closed,
-            "submitted_at": submitted_at, "instance": self.instance,
+            "rejected_invalid": result.invalid_items + len(result.rejected), "submitted": False,
+            "submitted_at": None, "instance": self.instance,
             "loss": stats.get("loss", 0.0), "grad_norm": stats.get("grad_norm", 0.0),
             "tokens_generated": tokens, "tokens_trained": stats.get("tokens", 0),
-            "t_generate": t_generate, "t_gather": t_gather, "t_train": t_train, "t_checkpoint": t_ckpt,
-            "t_round": time.monotonic() - t_round,
+            "t_generate": t_generate, "t_gather": t_gather, "t_train": t_train, "t_checkpoint": 0.0,
         }
+        self.unsubmitted = (r, s, sub)
+        try:
+            closed, submitted_at = await self._submit(r, s, sub)
+        except Stopping:  # trained on, so kept: the row now, the submission when the worker is back
+            self.records.add(paths.metrics_file(self.root, self.node_id),
+                             {**row, "owed": True, "t_round": time.monotonic() - t_round})
+            raise
+        self.unsubmitted = None
+
+        if (r + 1) % cfg.checkpoint_interval == 0 or self.checkpoint_owed:
+            row["t_checkpoint"] = await self._checkpoint()
+        row.update(submitted=not closed, submitted_at=submitted_at, t_round=time.monotonic() - t_round)
         self.records.add(paths.metrics_file(self.root, self.node_id), row)
         self.log.info("round_done", reward_mean=round(reward_mean, 4), cumulative=round(self.cumulative_reward, 4),
                       external=len(external), loss=round(row["loss"], 5), seconds=round(row["t_round"], 3))

@@ -25,6 +25,7 @@ from sapod.checkpoint import list_checkpoints
 from sapod.coordinator import Coordinator
 from sapod.errors import StartupError, Unreadable
 from sapod.gather import own_rollouts, own_submission
+from sapod.progress import read_jsonl
 from sapod.policy.scripted import ScriptedPolicy
 from sapod.state import StateReader
 from sapod.store import atomic_write_json, read_json
@@ -213,6 +214,8 @@ def test_a_submission_cut_short_by_a_stop_is_sent_when_the_worker_is_back(make_c
     asyncio.run(first())
     root = c1.root
     assert w1.last_round == 1 and not paths.reward_file(root, 1, 0, "w1").exists()
+    rows = read_jsonl(paths.metrics_file(root, "w1"))  # the round was played: its row is kept
+    assert [(x["round"], x["submitted"], x.get("owed")) for x in rows] == [(0, True, None), (1, False, True)]
     monkeypatch.setattr(Worker, "publish", real)
     c2, w2 = Coordinator(make_cfg("coordinator", "coord", **over)), Worker(make_cfg("worker", "w1", **over))
 
@@ -222,6 +225,7 @@ def test_a_submission_cut_short_by_a_stop_is_sent_when_the_worker_is_back(make_c
     asyncio.run(second())
     assert paths.reward_file(root, 1, 0, "w1").exists()
     assert state_now(root).status == "finished" and w2.last_round == 3
+    assert [x["round"] for x in read_jsonl(paths.metrics_file(root, "w1"))] == [0, 1, 2, 3]
 
 
 def test_a_worker_resumes_from_an_older_checkpoint_when_the_newest_is_unusable(make_cfg):
