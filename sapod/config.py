@@ -128,7 +128,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_to_shared", "LOG_TO_SHARED", True, "copy stdout/stderr to logs/{node}/stdout.log and stderr.log",
            kind=_bool, allowed="true or false"),
     Option("log_file_max_mb", "LOG_FILE_MAX_MB", 10.0, "size cap of each shared log file (one older copy kept)",
-           kind=float, allowed="a number > 0", check=lambda v: v > 0),
+           kind=float, allowed="a number from 0.01 to 1000000", check=lambda v: 0.01 <= v <= 1e6),
 )
 
 # Facts the service manager puts in the environment; no flags.

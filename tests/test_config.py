@@ -49,6 +49,8 @@ def test_compile_generation_is_auto_unless_set():
     ({"NODE_ID": "../evil"}, "NODE_ID='../evil' is not allowed"),
     ({"LOG_FORMAT": "xml"}, "must be auto, json or console"),
     ({"PEER_TIMEOUT": "1", "HEARTBEAT_INTERVAL": "5"}, "PEER_TIMEOUT=1.0 is not allowed"),
+    ({"LOG_FILE_MAX_MB": "inf"}, "LOG_FILE_MAX_MB='inf' is not allowed: must be a number from 0.01 to 1000000"),
+    ({"LOG_FILE_MAX_MB": "1e-9"}, "LOG_FILE_MAX_MB='1e-9' is not allowed"),  # a cap of 0 bytes
 ])
 def test_bad_values_name_variable_value_and_allowed(env, needle):
     """A bad value is a ConfigError naming the variable, the value and what is allowed."""
