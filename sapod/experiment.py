@@ -82,7 +82,7 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     configs = []
     for part in text.split(","):
         left, sep, right = part.strip().partition("/")
-        if not sep or not left.strip().isdigit() or not right.strip().isdigit():
+        if not sep or not left.strip().isdecimal() or not right.strip().isdecimal():
             raise UsageError(f"--configs: {part.strip()!r} is not I/J (two whole numbers, e.g. 2/2)")
         configs.append((int(left), int(right)))
     for i, j in configs:
@@ -99,7 +99,7 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
 def parse_seeds(text: str, first: int) -> list[int]:
     """``"1,5,9"`` is those seeds; a single ``"N"`` is N seeds counting up from ``first`` (--seed)."""
     parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts):
+    if not all(p.isdecimal() for p in parts):
         raise UsageError(f"--seeds: {text!r} is not a count (3) or a list of seeds (1,2,3)")
     if len(parts) == 1:
         if int(parts[0]) < 1:

@@ -157,6 +157,7 @@ def test_other_settings_in_the_same_out_exit_2(done):
     ("a/b", "'a/b' is not I/J"),
     ("0/2,1/1", "I >= 1"),
     ("1/1,1/1", "names a config twice"),
+    ("\u00b2/0", "is not I/J"),  # a superscript two passes str.isdigit, not int()
 ])
 def test_bad_configs_exit_2(tmp_path, configs, message):
     """A bad --configs is one line on stderr and exit 2, before anything runs."""
@@ -165,9 +166,10 @@ def test_bad_configs_exit_2(tmp_path, configs, message):
     assert err.startswith("sapod experiment: error: --configs") and message in err and err.count("\n") == 1
 
 
-def test_bad_seeds_exit_2(tmp_path):
-    code, _, err = run(FAST + ["--seeds", "x", "--out", str(tmp_path / "o")])
-    assert code == 2 and "--seeds: 'x' is not a count" in err
+@pytest.mark.parametrize("seeds", ["x", "\u00b2"])
+def test_bad_seeds_exit_2(tmp_path, seeds):
+    code, _, err = run(FAST + ["--seeds", seeds, "--out", str(tmp_path / "o")])
+    assert code == 2 and f"--seeds: {seeds!r} is not a count" in err
 
 
 def test_seeds_count_starts_at_seed():
