@@ -28,11 +28,17 @@ mkdir -p "$logdir"
 logdir=$(cd "$logdir" && pwd)
 # A running tmux server keeps its own environment, so hand the nodes ours explicitly.
 envfile="$logdir/.env.sh"
-python_bin=$(dirname "$(command -v sapod)")/python
+# sapod's variables, from the Python that runs sapod: the one beside it in a virtualenv, else the
+# one its #! line names (pip --user, /usr/local/bin, pipx), else python3.
+sapod_bin=$(command -v sapod)
+list_vars='from sapod.config import OPTIONS; print(" ".join(o.env for o in OPTIONS))'
+shebang=$(sed -n '1s/^#![[:space:]]*//p' "$sapod_bin")
+sapod_vars=$("$(dirname "$sapod_bin")/python" -c "$list_vars" 2>/dev/null || $shebang -c "$list_vars" 2>/dev/null ||
+             python3 -c "$list_vars" 2>/dev/null) ||
+    { echo "$0: cannot find the Python that runs $sapod_bin" >&2; exit 3; }
 {
     echo "export PATH=$(printf %q "$PATH")"
-    for var in $("$python_bin" -c 'from sapod.config import OPTIONS; print(" ".join(o.env for o in OPTIONS))') \
-               HF_HOME HF_HUB_OFFLINE CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF; do
+    for var in $sapod_vars HF_HOME HF_HUB_OFFLINE CUDA_VISIBLE_DEVICES PYTORCH_CUDA_ALLOC_CONF; do
         [ -n "${!var+x}" ] && echo "export $var=$(printf %q "${!var}")"
     done
 } > "$envfile"

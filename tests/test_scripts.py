@@ -61,6 +61,25 @@ def test_tmux_swarm_refuses_bad_input(tmp_path):
     assert res.returncode == 2 and "-n must be" in res.stderr
 
 
+def test_tmux_swarm_passes_variables_when_no_python_sits_beside_sapod(tmp_path):
+    """With `sapod` installed where no `python` sits beside it (pip --user, /usr/local/bin), the
+    nodes still get GDRIVE_PATH and the other sapod variables (a running tmux server lacks them)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sapod").write_text(f"#!{sys.executable}\nfrom sapod.cli import entry\nentry()\n")
+    # tmux: no session yet, and creating one succeeds
+    (bin_dir / "tmux").write_text("#!/bin/sh\n[ \"$1\" = has-session ] && exit 1\nexit 0\n")
+    for name in ("sapod", "tmux"):
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "GDRIVE_PATH": str(tmp_path / "shared"),
+           "MODEL_NAME": "sapod:scripted"}
+    res = subprocess.run([str(SCRIPTS / "tmux-swarm.sh"), "-l", str(tmp_path / "logs")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    exported = (tmp_path / "logs" / ".env.sh").read_text()
+    assert f"export GDRIVE_PATH={tmp_path / 'shared'}" in exported and "export MODEL_NAME=sapod:scripted" in exported
+
+
 def test_bench_coordination_in_one_and_in_several_processes(tmp_path):
     """The coordination benchmark runs a real swarm both ways and reports its figures
     (counts of shared-folder operations, per-round overhead); no timing assertions."""
