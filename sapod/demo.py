@@ -47,13 +47,19 @@ def demo_main(argv: list[str]) -> int:
         "with the embedded model, then print a summary."))
     parser.add_argument("--workers", type=int, default=2, help="number of workers [default: 2]")
     parser.add_argument("--rounds", type=int, default=3, help="rounds to run [default: 3]")
-    add_arguments(parser, only=SHARED_FLAGS + ("shared",), defaults=DEMO_DEFAULTS)
+    # Not GDRIVE_PATH: with it and EXPERIMENT_NAME exported for a live swarm, a demo would take it over.
+    parser.add_argument("--shared", metavar="DIR", help="folder to run in [default: a new temporary folder]")
+    add_arguments(parser, only=SHARED_FLAGS, defaults=DEMO_DEFAULTS)
     args = parser.parse_args(argv)
     if args.workers < 1 or args.rounds < 1:
         parser.error("--workers and --rounds must be at least 1")
     flags = vars(args)
-    shared = flags["shared"] or tempfile.mkdtemp(prefix="sapod-demo-")
-    Path(shared).mkdir(parents=True, exist_ok=True)
+    shared = str(Path(flags["shared"]).expanduser()) if flags["shared"] else tempfile.mkdtemp(prefix="sapod-demo-")
+    try:
+        Path(shared).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"sapod demo: error: cannot use --shared {shared} as a folder: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     defaults = {**DEMO_DEFAULTS, "max_rounds": args.rounds, "checkpoint_interval": args.rounds}
     base = build_config({**flags, "shared": shared}, defaults=defaults)
     configure_logging(base.log_format, base.log_level, stream=sys.stderr)

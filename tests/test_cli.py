@@ -7,6 +7,7 @@ import io
 import json
 import threading
 
+import pytest
 import structlog
 
 from conftest import beating, write_peer
@@ -73,6 +74,18 @@ def test_demo_with_scripted_policy(tmp_path, capsys):
     assert all(row[1] == "3" for row in table)
     assert "files under" in out
     assert (paths.experiment_root(tmp_path, "demo") / "experiment.json").is_file()
+
+
+def test_demo_shared_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
+    """`sapod demo --shared FILE` says why in one line (exit 2), and its help does not claim GDRIVE_PATH."""
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--model", "sapod:scripted", "--shared", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--shared" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    shared_help = capsys.readouterr().out.split("\n  --shared DIR", 1)[1].split("\n  --", 1)[0]
+    assert "temporary folder" in shared_help and "GDRIVE_PATH" not in shared_help
 
 
 def test_unusable_shared_folder_exits_3(tmp_path, capsys):
