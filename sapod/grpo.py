@@ -75,7 +75,8 @@ def completion_logprobs(
     ``logits[..., t, :]`` must already be the prediction for ``targets[..., t]`` (shifted).
     Only rows under the mask are computed, ``chunk`` rows at a time, so at most one
     chunk is upcast to fp32 at once instead of a full fp32 [batch, seq, vocab] copy next
-    to its log_softmax. ``logit - logsumexp`` equals log_softmax gathered at the target.
+    to its log_softmax, in backward too (``_ChunkedLogprobs``). ``logit - logsumexp``
+    equals log_softmax gathered at the target.
     """
     vocab = logits.size(-1)
     rows = logits.reshape(-1, vocab)
@@ -84,16 +85,41 @@ def completion_logprobs(
     if mask is not None:
         keep = mask.reshape(-1).bool()
         rows, tgt = rows[keep], tgt[keep]
-    parts = []
-    for start in range(0, rows.size(0), chunk):
-        block = rows[start : start + chunk].float()
-        picked = block.gather(1, tgt[start : start + chunk, None]).squeeze(1)
-        parts.append(picked - torch.logsumexp(block, dim=-1))
-    out = torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+    out = _ChunkedLogprobs.apply(rows, tgt, chunk)
     if keep is None:
         return out.view(targets.shape)
     full = out.new_zeros(keep.shape).masked_scatter(keep, out)
     return full.view(targets.shape)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """``logit[target] - logsumexp(logits)`` per row, upcast ``chunk`` rows at a time.
+
+    Plain autograd would keep every chunk's fp32 copy for logsumexp's backward, so the
+    whole fp32 array after all; here backward upcasts again, chunk by chunk, from the
+    saved logits (gradient: one-hot(target) - softmax).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(rows, targets)
+        ctx.chunk = chunk
+        out = torch.empty(rows.size(0), dtype=torch.float32, device=rows.device)
+        for s in range(0, rows.size(0), chunk):
+            block = rows[s : s + chunk].float()
+            out[s : s + chunk] = block.gather(1, targets[s : s + chunk, None]).squeeze(1) - block.logsumexp(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, targets = ctx.saved_tensors
+        out = torch.empty_like(rows)
+        for s in range(0, rows.size(0), ctx.chunk):
+            g = grad[s : s + ctx.chunk, None]
+            block = -torch.softmax(rows[s : s + ctx.chunk].float(), dim=-1) * g
+            block.scatter_add_(1, targets[s : s + ctx.chunk, None], g)
+            out[s : s + ctx.chunk] = block
+        return out, None, None
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -144,3 +144,23 @@ def test_chunked_logprobs_upcast_half_precision_logits():
     got = completion_logprobs(logits, targets, torch.ones(2, 4), chunk=3)
     naive = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
     assert got.dtype == torch.float32 and torch.allclose(got, naive, atol=1e-6)
+
+
+def test_chunked_logprobs_keep_no_fp32_copy_of_the_logits_for_backward():
+    """Under autograd bf16 logits are upcast again in backward, not saved in fp32 per chunk."""
+    torch.manual_seed(2)
+    logits = torch.randn(8, 50, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (8,))
+    saved = []
+
+    def pack(t):
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = completion_logprobs(logits, targets, torch.ones(8), chunk=3)
+    assert saved and torch.float32 not in saved
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    wide = logits.detach().float().requires_grad_()
+    (want,) = torch.autograd.grad(torch.log_softmax(wide, -1).gather(-1, targets[:, None]).sum(), wide)
+    assert grad.dtype == torch.bfloat16 and torch.allclose(grad.float(), want, atol=1e-2)
