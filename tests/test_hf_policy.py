@@ -275,12 +275,35 @@ def test_save_then_load_restores_weights_and_optimizer(policy, model_dir, tmp_pa
     assert fresh.weights_fingerprint() == policy.weights_fingerprint()
 
 
+def test_load_keeps_the_configured_learning_rate(policy, model_dir, tmp_path):
+    """A node restarted with a new LEARNING_RATE trains with it, not with the checkpoint's."""
+    policy.train_step([group(1, [1.0, 0.0, 0.0])])
+    policy.save(tmp_path)
+    fresh = make_policy(model_dir, learning_rate=1e-5)
+    fresh.load(tmp_path)
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == [1e-5]
+    assert fresh.optimizer.state  # Adam's moments are restored all the same
+
+
 def test_beta_adds_kl_against_frozen_reference(model_dir):
     """With beta > 0 a frozen reference is kept; the first step reports kl 0 and later steps kl > 0."""
     pol = make_policy(model_dir, beta=0.1)
     first = pol.train_step([group(1, [1.0, 0.0, 0.0])])
     second = pol.train_step([group(1, [1.0, 0.0, 0.0])])
     assert first["kl"] == pytest.approx(0.0, abs=1e-6) and second["kl"] > 0
+
+
+def test_training_forward_runs_without_dropout(model_dir, tmp_path):
+    """A model shipped with dropout (GPT-2: 0.1) trains on the sampling policy's log-probs: kl 0 at step one."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    pol = make_policy(tmp_path / "m", beta=0.1)
+    assert pol.train_step([group(1, [1.0, 0.0, 0.0])])["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_unknown_hub_id_offline_raises_model_load_error(monkeypatch):
@@ -300,6 +323,30 @@ def test_missing_local_directory_is_a_plain_load_error(tmp_path):
     missing = tmp_path / "nope" / "model"
     with pytest.raises(ModelLoadError, match="nope"):
         HFPolicy(str(missing), system_prompt=SYSTEM, device="cpu")
+
+
+def test_special_token_text_in_a_completion_is_trained_on_as_text(policy, monkeypatch):
+    """A completion whose text contains "<|endoftext|>" is tokenised as plain text, not as the eos token."""
+    seen, real = [], policy._micro_batch_loss
+
+    def spy(batch, normalizer):
+        seen.extend(c for _, c, _ in batch)
+        return real(batch, normalizer)
+
+    monkeypatch.setattr(policy, "_micro_batch_loss", spy)
+    policy.train_step([Group(item(1), [f" 2{EOS} 3", " 5"], [1.0, 0.0], "peer")])
+    assert seen and all(policy.tokenizer.eos_token_id not in ids for ids in seen)
+
+
+def test_a_model_folder_without_tokenizer_files_is_a_load_error(model_dir, tmp_path):
+    """Weights and config alone (transformers makes an empty tokenizer of them) fail at load, not mid-round."""
+    import shutil
+
+    for f in model_dir.iterdir():
+        if "token" not in f.name:
+            shutil.copy(f, tmp_path)
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        make_policy(tmp_path)
 
 
 def test_shared_prefill_samples_what_plain_copies_would(policy):

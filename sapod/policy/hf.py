@@ -19,6 +19,8 @@ Departures from textbook GRPO beyond those listed in ``sapod.grpo``:
 5. With ``beta > 0`` the reference model is a frozen copy of the weights loaded at
    construction (the base model); ``load`` does not replace it.
 6. A step whose gradient norm is not finite is not applied (gradients are dropped).
+7. Dropout is off in training too (the model stays in eval mode), as TRL's
+   ``disable_dropout`` does.
 """
 
 from __future__ import annotations
@@ -27,42 +29,24 @@ import contextlib
 import copy
 import hashlib
 import inspect
-import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from sapod.advantages import group_advantages, has_signal
-from sapod.errors import ConfigError, ModelLoadError
+from sapod.errors import ConfigError
 from sapod.grpo import CLIP_HIGH, CLIP_LOW, LossStats, completion_logprobs, token_loss
 from sapod.logs import get_logger
+from sapod.policy.hfload import load_pretrained, load_weights, one_line, padding_warning_off
 from sapod.prompts import format_prompt
 from sapod.types import Generation, Group, TaskItem
 
-_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 # With a static KV cache, prompts are left-padded to a multiple of this many tokens, so the
 # cache's shape, and the compiled decoding graph with it, repeats from round to round.
 STATIC_BUCKET = 64
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _load_error(name: str, exc: Exception) -> ModelLoadError:
-    if not Path(name).exists() and _HUB_ID.fullmatch(name) and isinstance(exc, OSError):
-        # transformers turns offline mode, no network and unknown repos all into OSError
-        return ModelLoadError(
-            f"cannot load model {name!r}: not a local directory, and the Hugging Face hub is "
-            "offline, unreachable or has no such model; use MODEL_NAME=sapod:tiny or a local "
-            f"model directory ({_one_line(exc)[:200]})"
-        )
-    return ModelLoadError(f"cannot load model {name!r}: {type(exc).__name__}: {_one_line(exc)[:300]}")
 
 
 class HFPolicy:
@@ -111,21 +95,8 @@ class HFPolicy:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-            # fp32 master weights for Adam; transformers 5 would otherwise load the checkpoint dtype
-            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
-        except Exception as exc:
-            raise _load_error(model_name_or_path, exc) from exc
+        self.tokenizer, self.model = load_pretrained(model_name_or_path)
         tok = self.tokenizer
-        if tok.pad_token is None:
-            if tok.eos_token is None:
-                raise ModelLoadError(
-                    f"cannot load model {model_name_or_path!r}: tokenizer has neither pad nor eos token"
-                )
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "left"  # generation appends to the right end of every row
-        tok.truncation_side = "left"  # keep the end of an over-long prompt, next to the answer
         self.model.to(self.device).eval()
         static_ok = (getattr(self.model, "_can_compile_fullgraph", False)
                      or getattr(self.model, "_supports_static_cache", False))
@@ -150,6 +121,7 @@ class HFPolicy:
         self._eos_ids = sorted({i for i in [*eos, tok.eos_token_id] if i is not None})
         self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
+        self.learning_rate = learning_rate
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
         self._ref = None
         if beta > 0:
@@ -231,7 +203,7 @@ class HFPolicy:
             except Exception as exc:  # a compiler or CUDA-graph failure must not end a days-long run
                 self.compile_generation = False
                 torch._dynamo.reset()
-                get_logger().warning("compile_generation_failed", error=f"{type(exc).__name__}: {_one_line(exc)[:300]}",
+                get_logger().warning("compile_generation_failed", error=f"{type(exc).__name__}: {one_line(exc)[:300]}",
                                      detail="generating without a static cache from now on")
         if not self.compile_generation:
             inputs = self._shared_prefill(enc, num_generations)
@@ -248,7 +220,7 @@ class HFPolicy:
             torch.cuda.manual_seed_all(seed)
         # No autocast, unlike training: decoding a few rows is bound by kernel launches, which
         # autocast's casts add to (README, Performance: fp32 + TF32 against bf16 autocast).
-        with _padding_warning_off():
+        with padding_warning_off():
             return self.model.generate(
                 **inputs, **extra, do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
                 repetition_penalty=1.0, max_new_tokens=self.max_new_tokens,
@@ -267,7 +239,10 @@ class HFPolicy:
             prompt_text = self._prompt(group.item.question)
             prompt = self.tokenizer(prompt_text, **self._prompt_kwargs())["input_ids"]
             for text, adv in zip(group.completions, group_advantages(group.rewards)):
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_new_tokens]
+                # split_special_tokens: a literal "<|im_end|>" in the text is text (it was decoded
+                # without special tokens), not the control token
+                ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                ids = ids[: self.max_new_tokens]
                 if ids:
                     seqs.append((prompt, ids, adv))
         total = sum(len(c) for _, c, _ in seqs)
@@ -277,22 +252,21 @@ class HFPolicy:
         # similar lengths share a micro-batch: less padding
         seqs.sort(key=lambda s: len(s[0]) + len(s[1]))
         stats, loss_sum = LossStats(), 0.0
-        self.model.train()
-        try:
-            for start in range(0, len(seqs), self.micro_batch_size):
-                # every micro-batch divides by the step's token count, so summed gradients
-                # equal those of one big batch
-                loss, st = self._micro_batch_loss(seqs[start : start + self.micro_batch_size], total)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                stats = stats + st
-            params = self.model.parameters()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-            if math.isfinite(grad_norm):
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        finally:
-            self.model.eval()
+        # The model stays in eval mode: dropout (GPT-2 ships 0.1) would make the log-probs
+        # trained on differ from those of the policy that sampled, and the KL to the
+        # reference nonzero before any update.
+        for start in range(0, len(seqs), self.micro_batch_size):
+            # every micro-batch divides by the step's token count, so summed gradients
+            # equal those of one big batch
+            loss, st = self._micro_batch_loss(seqs[start : start + self.micro_batch_size], total)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            stats = stats + st
+        params = self.model.parameters()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         out = {
             "loss": loss_sum,
             "grad_norm": grad_norm,
@@ -348,29 +322,19 @@ class HFPolicy:
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        """Weights from the directory's safetensors; optimizer state if optimizer.pt exists."""
+        """Weights from the directory's safetensors; optimizer state if optimizer.pt exists.
+
+        The learning rate stays the configured one, not the one saved with the optimizer,
+        so a node restarted with a new LEARNING_RATE uses it."""
         directory = Path(directory)
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = ["model.safetensors"]
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(directory / f))  # cpu; load_state_dict copies onto the device
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        # save_pretrained drops tied copies (GPT-2's lm_head.weight); those share storage
-        # with a loaded tensor and are therefore restored too
-        current = self.model.state_dict()
-        loaded = {current[k].data_ptr() for k in state if k in current}
-        bad = [k for k in missing if current[k].data_ptr() not in loaded] + list(unexpected)
-        if bad:
-            raise ModelLoadError(
-                f"checkpoint {directory} does not match the model: {', '.join(bad[:5])}"
-            )
+        load_weights(self.model, directory)
         opt = directory / "optimizer.pt"
         if opt.exists():
-            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device, weights_only=True))
+            # onto the CPU: Adam moves its moments to each parameter's device but leaves the step
+            # counts where they load, and counts on a GPU cost a device sync per tensor per step
+            self.optimizer.load_state_dict(torch.load(opt, map_location="cpu", weights_only=True))
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate
 
     def weights_fingerprint(self) -> str:
         """sha256 over parameter names and bytes, in module order."""
@@ -380,21 +344,3 @@ class HFPolicy:
             h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-
-@contextlib.contextmanager
-def _padding_warning_off():
-    """Silence "We strongly recommend passing in an `attention_mask`..." during generate.
-
-    generate leaves out an all-ones attention mask on decode steps, and a sampled EOS that
-    is also the pad token then looks like padding to the model's check. The mask we pass
-    is right; the warning would only be noise on the node's output.
-    """
-    import logging
-
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
