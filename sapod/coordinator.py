@@ -18,6 +18,7 @@ from sapod import PROTOCOL, paths, schema
 from sapod.config import recorded_settings
 from sapod.daemon import freeze_startup_heap
 from sapod.errors import ConfigError, Displaced, Rejected, StartupError, Unreadable
+from sapod.executor import run_write
 from sapod.housekeeping import round_folders, set_aside_archives, tidy_for
 from sapod.node import Node
 from sapod.peers import PeerTable
@@ -147,6 +148,11 @@ class Coordinator(Node):
                 new = replace(new, round=closed, stage=0, status="finished", opened_at=now)
             else:
                 new = replace(new, round=closed + 1, stage=0, opened_at=now)
+        if new.status == "open" and new.round >= self.cfg.max_rounds:
+            # MAX_ROUNDS was lowered below the open round: finish after the last round it
+            # allows, as if that one had just closed (raising it again reopens this one).
+            self.log.warning("max_rounds_reached", state_round=new.round, max_rounds=self.cfg.max_rounds)
+            new = replace(new, round=new.round - 1, stage=0, status="finished")
         if seen_epoch >= new.epoch:
             new = replace(new, epoch=seen_epoch + 1)
         atomic_write_json(paths.state_file(self.root), schema.state_doc(new))
@@ -224,7 +230,9 @@ class Coordinator(Node):
                             timed_out=reason == TIMED_OUT, seconds=seconds, reward_mean=mean)
         self.flush_records()
         if new.status == "open":
-            tidied = await self.io(tidy_for, self.cfg, new.round)
+            # Never inline: packing and removing old rounds can take minutes (cleanup turned
+            # on late, or KEEP_LAST lowered), and heartbeats and WATCHDOG=1 must go on.
+            tidied = await run_write(tidy_for, self.cfg, new.round)
             if tidied and (tidied["rounds_removed"] or tidied["errors"]):
                 self.log.info("rounds_tidied", **tidied)
         return new

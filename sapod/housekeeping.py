@@ -138,9 +138,16 @@ def round_folders(tree: Path) -> list[tuple[int, Path]]:
 
 def _pack(target: Path, root: Path, round_: int, folders: dict[str, Path]) -> int:
     """Write one round's trees into ``target`` atomically; the archive's size in bytes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The leading dot and the unique suffix keep concurrent or crashed writers from ever colliding.
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # Temp files in a folder of their own, there only while one is: what a killed packer
+    # left of this round is found without listing the archives (one per round), and removed.
+    partial = target.parent / ".partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    with os.scandir(partial) as it:
+        for entry in it:
+            if entry.name.startswith(f"{target.name}.tmp-"):
+                _remove_file(entry.path)
+    # The unique suffix keeps concurrent writers from ever colliding.
+    tmp = partial / f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as fh:
             with tarfile.open(fileobj=fh, mode="w:gz") as tar:
@@ -157,6 +164,11 @@ def _pack(target: Path, root: Path, round_: int, folders: dict[str, Path]) -> in
         except OSError:
             pass
         raise
+    finally:
+        try:
+            os.rmdir(partial)  # gone unless a temp file is still there (another packer's)
+        except OSError:
+            pass
     fsync_dir(target.parent)
     return size
 
@@ -176,6 +188,13 @@ def _add_tree(tar: tarfile.TarFile, top: Path, arc_top: str) -> None:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             with os.fdopen(fd, "rb") as fh:
                 tar.addfile(info, fh)
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _raise(exc: OSError) -> None:

@@ -36,14 +36,25 @@ class SharedLogFile:
         with self._lock:
             self._buf.append(text)
             self._size += len(text)
-            while self._size > MAX_BUFFER and len(self._buf) > 1:
-                self._size -= len(self._buf.pop(0))
+            self._trim()
+
+    def _trim(self) -> None:
+        while self._size > MAX_BUFFER and len(self._buf) > 1:
+            self._size -= len(self._buf.pop(0))
 
     def flush(self) -> None:
         with self._lock:
             data, self._buf, self._size = "".join(self._buf), [], 0
         if not data:
             return
+        if not self._append(data):
+            self.errors += 1
+            with self._lock:  # kept for the next flush, ahead of what came meanwhile
+                self._buf.insert(0, data)
+                self._size += len(data)
+                self._trim()
+
+    def _append(self, data: str) -> bool:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             encoded = data.encode("utf-8", "replace")
@@ -56,7 +67,8 @@ class SharedLogFile:
             with open(self.path, "ab") as fh:
                 fh.write(encoded[-self.max_bytes:])
         except OSError:
-            self.errors += 1
+            return False
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval):

@@ -330,8 +330,9 @@ class Worker(Node):
         return [self.tasks.score(item, c) for c in completions]
 
     def _round_closed(self, r: int) -> bool:
+        # The last round closes without the round moving on: the state says finished at r.
         state = self.reader.read()
-        return state is not None and state.round > r
+        return state is not None and (state.round > r or state.status == "finished")
 
     async def _gather(self, r: int, s: int) -> GatherResult:
         """Wait until every live peer's rollouts file is listed, or GATHER_TIMEOUT. Nothing

@@ -246,3 +246,21 @@ def test_a_new_run_under_a_reused_name_archives_its_own_rounds(make_cfg):
     for folder, instance in ((aside[0], first), (archives / "t", second)):
         assert sorted(os.listdir(folder)) == [f"round_{r}.tar.gz" for r in range(3)]
         assert all(tally_instance(folder / f"round_{r}.tar.gz", r) == instance for r in range(3))
+
+
+def test_a_partial_archive_left_by_a_killed_packer_is_removed_when_the_round_is_packed_again(tmp_path):
+    """What a coordinator killed mid-pack left of a round's archive goes when that round is archived."""
+    root, archives = tmp_path / "e", tmp_path / "archives"
+    make_rounds(root, range(3))
+    partial = archives / "e" / ".partial"
+    partial.mkdir(parents=True)
+    leftover = partial / "round_0.tar.gz.tmp-999-deadbeef"
+    other = partial / "round_7.tar.gz.tmp-999-deadbeef"  # another round's, maybe being written: not touched
+    leftover.write_bytes(b"half an archive")
+    other.write_bytes(b"half an archive")
+    tidy_rounds(root, archives, 2, 2, True)
+    assert sorted(os.listdir(archives / "e")) == [".partial", "round_0.tar.gz"]
+    assert os.listdir(partial) == [other.name]
+    other.unlink()
+    tidy_rounds(root, archives, 3, 2, True)
+    assert sorted(os.listdir(archives / "e")) == ["round_0.tar.gz", "round_1.tar.gz"]  # no temp folder left

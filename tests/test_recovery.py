@@ -346,3 +346,13 @@ def test_the_reward_earned_after_the_last_checkpoint_is_not_lost_to_a_crash(make
         running += row["reward_mean"]
         assert row["cumulative_reward"] == pytest.approx(running)
     assert w.rounds_done == 5
+
+
+def test_a_straggler_never_submits_into_the_last_round_once_the_swarm_finished(make_cfg):
+    """The last round closes without the round moving on (state finished at r): a worker still in it sees it closed."""
+    w = Worker(make_cfg("worker", "w1"))
+    w.reader = StateReader(w.root)
+    atomic_write_json(paths.state_file(w.root), schema.state_doc(schema.State(4, 0, 1, 9, "finished", 0.0, "c", "i")))
+    assert w._round_closed(4) and w._round_closed(3)
+    atomic_write_json(paths.state_file(w.root), schema.state_doc(schema.State(5, 0, 1, 10, "open", 0.0, "c", "i")))
+    assert not w._round_closed(5) and w._round_closed(4)

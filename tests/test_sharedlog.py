@@ -58,3 +58,19 @@ def test_node_process_logs_land_in_the_shared_folder(tmp_path):
     res = subprocess.run([sys.executable, "-c", code.replace("'c1'", "'c2'")], env={**env, "LOG_TO_SHARED": "false"},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not (copy.parent.parent / "c2" / "stdout.log").exists()
+
+
+def test_output_written_while_the_folder_fails_is_kept_for_the_next_flush(tmp_path):
+    """A failed flush keeps its lines (up to MAX_BUFFER) and writes them once the folder is back."""
+    logs = tmp_path / "logs"
+    logs.write_text("the mount is down")
+    f = SharedLogFile(logs / "stdout.log", max_bytes=1000, flush_interval=3600)
+    f.write("during 1\n")
+    f.flush()
+    f.write("during 2\n")
+    f.flush()
+    logs.unlink()
+    f.write("after\n")
+    f.close()
+    assert f.errors == 2
+    assert (logs / "stdout.log").read_text() == "during 1\nduring 2\nafter\n"

@@ -434,3 +434,33 @@ def test_a_coordinator_alone_waits_for_a_worker_before_closing_a_round_on_leftov
     assert time.monotonic() - t0 >= 1.5
     tally = read_json(paths.tally_file(root, 1, 0))
     assert tally["reason"] == "timeout" and set(tally["counted"]) == {"worker-2"}
+
+
+def test_tidying_old_rounds_does_not_stop_the_coordinator_s_heartbeat(make_cfg, monkeypatch):
+    """A long tidy (cleanup turned on after many rounds) runs off the event loop: the coordinator's heartbeat goes on."""
+    import sapod.coordinator as coordinator_module
+
+    nodes = swarm(make_cfg, workers=1, max_rounds=3, rollout_cleanup_enabled="true", rollout_keep_last_n_rounds=2)
+    beats = []
+
+    def slow_tidy(cfg, open_round):
+        before = nodes[0].beat
+        time.sleep(1.0)  # packing many old rounds
+        beats.append(nodes[0].beat - before)
+
+    monkeypatch.setattr(coordinator_module, "tidy_for", slow_tidy)
+    assert run_nodes(*nodes, timeout=30) == [None, None]
+    assert beats and min(beats) >= 2, beats  # HEARTBEAT_INTERVAL 0.2 s
+
+
+def test_a_coordinator_restarted_with_max_rounds_below_the_open_round_finishes(make_cfg):
+    """MAX_ROUNDS lowered between restarts: no round at or beyond it is run; raising it again reopens that round."""
+    coord = Coordinator(make_cfg("coordinator", "coord", max_rounds=3))
+    atomic_write_json(paths.state_file(coord.root), schema.state_doc(schema.State(5, 0, 1, 6, "open", 0.0, "c", "i")))
+    assert run_nodes(coord, timeout=10) == [None]
+    state = schema.parse_state(read_json(paths.state_file(coord.root)))
+    assert (state.round, state.status) == (4, "finished")
+    again = Coordinator(make_cfg("coordinator", "coord", max_rounds=10))
+    run_nodes(again, timeout=10, stop_after=1.0)
+    state = schema.parse_state(read_json(paths.state_file(coord.root)))
+    assert (state.round, state.status) == (5, "open")
