@@ -8,6 +8,7 @@ epoch than its own steps down (Displaced, exit 4).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
@@ -26,6 +27,7 @@ from sapod.rounds import TIMED_OUT, RoundBook
 from sapod.schema import State
 from sapod.state import StateReader, read_experiment
 from sapod.store import ROLLOUT_FILE_MAX, atomic_write_json, list_node_entries, read_each, read_json
+from sapod.tasks import task_spec_problem
 from sapod.watch import folder_version
 
 
@@ -34,6 +36,9 @@ class Coordinator(Node):
 
     async def main(self) -> None:
         await self.set_phase("register")
+        if not paths.experiment_file(self.root).exists():  # a new run: the workers will take our TASKS
+            if problem := await asyncio.to_thread(task_spec_problem, self.cfg.tasks):
+                raise ConfigError(f"TASKS={self.cfg.tasks!r}: {problem}")
         settings = await self.steady("experiment", self._ensure_experiment)
         self.reader = StateReader(self.root, trust_stat=self.inline_io)
         self.table = PeerTable.shared(self.root, self.cfg.peer_timeout, concurrent=not self.inline_io)

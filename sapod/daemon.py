@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from sapod.config import Config
-from sapod.errors import Displaced, StartupError
+from sapod.errors import ConfigError, Displaced, StartupError
 from sapod.logs import configure_logging, get_logger
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_START, EXIT_DISPLACED = 0, 1, 2, 3, 4
@@ -95,6 +95,9 @@ async def serve(cfg: Config) -> int:
     except StartupError as exc:
         log.error("startup_failed", reason=str(exc))
         return EXIT_START
+    except ConfigError as exc:  # a setting found bad only once running (e.g. TASKS, checked by the coordinator)
+        log.error("bad_setting", reason=str(exc))
+        return EXIT_USAGE
     except Exception:
         log.exception("crashed")
         return EXIT_CRASH

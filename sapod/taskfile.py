@@ -116,6 +116,8 @@ def _load_rows(path: Path, kind: str) -> list[dict[str, Any]]:
 
     disable_progress_bars()  # a bar on stderr would break the JSON log stream
 
+    if path.stat().st_size == 0:
+        raise ValueError(f"task file {path} is empty")
     kwargs: dict[str, Any] = {}
     if kind == "csv":
         # All columns as text, so "007" or "1.50" reach the verifier as written, not as floats.

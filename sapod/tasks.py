@@ -21,6 +21,8 @@ import functools
 import io
 import random
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -207,10 +209,44 @@ def make_task_source(spec: str | None) -> TaskSource:
     if spec in MIXES:
         mix = MIXES[spec]
         return ReasoningGymSource([t for t, _ in mix], overrides=dict(mix), mix=spec)
-    path = Path(spec).expanduser()
-    looks_like_file = path.suffix.lower() in FILE_SUFFIXES or "/" in spec or "\\" in spec
-    if looks_like_file:
+    path = _file_spec(spec)
+    if path is not None:
         if not path.exists():
             raise ValueError(f"task file not found: {spec}")
         return FileSource(path)
     return ReasoningGymSource(spec.split(","))
+
+
+def _file_spec(spec: str) -> Path | None:
+    """The task file a TASKS value names, if it names one rather than tasks or a mix."""
+    path = Path(spec).expanduser()
+    return path if path.suffix.lower() in FILE_SUFFIXES or "/" in spec or "\\" in spec else None
+
+
+_CHECK = """import sys
+from sapod.tasks import make_task_source
+try:
+    make_task_source(sys.argv[1])
+except ValueError as exc:
+    sys.exit("sapod-tasks: " + " ".join(str(exc).split()))
+"""
+
+
+def task_spec_problem(spec: str | None, timeout: float = 300.0) -> str | None:
+    """Why a node could not use TASKS=``spec``, or None. Checked in a child process, so the
+    caller (a coordinator, which keeps to a small footprint) never imports reasoning-gym or
+    datasets. The nine default tasks and the mixes are sapod's own and need no check; a
+    task file that is not here is not checked either (a coordinator may run where the
+    workers' files are not). None as well if the check itself cannot run."""
+    spec = (spec or "").strip()
+    if spec in ("", "default") or spec in MIXES:
+        return None
+    path = _file_spec(spec)
+    if path is not None and not path.exists():
+        return None
+    try:
+        res = subprocess.run([sys.executable, "-c", _CHECK, spec], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    said = [line for line in res.stderr.splitlines() if line.startswith("sapod-tasks: ")]
+    return said[-1].removeprefix("sapod-tasks: ") if res.returncode and said else None

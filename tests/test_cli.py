@@ -96,6 +96,21 @@ def test_unusable_shared_folder_exits_3(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().out
 
 
+def test_a_coordinator_refuses_tasks_the_workers_could_not_use(tmp_path, capsys):
+    """TASKS is recorded for the whole swarm by a new run's coordinator: one the workers could not
+    use (an unknown task, an empty task file) is exit 2 there, before experiment.json is written
+    (it would have left every worker failing at start, and the swarm waiting for ever)."""
+    (tmp_path / "empty.jsonl").write_text("")
+    for tasks, says in (("basic_arithmetic,nope", "unknown reasoning-gym task(s): nope"),
+                        (str(tmp_path / "empty.jsonl"), "is empty")):
+        code = main(["--role", "coordinator", "--shared", str(tmp_path), "--tasks", tasks, "--log-format", "json",
+                     "--experiment", "e"])
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        bad = [x["reason"] for x in lines if x["event"] == "bad_setting"]
+        assert code == 2 and len(bad) == 1 and bad[0].startswith(f"TASKS={tasks!r}: ") and says in bad[0]
+        assert not (tmp_path / "experiments" / "e" / "experiment.json").exists()
+
+
 def test_unknown_model_exits_3(tmp_path, capsys):
     """A model that cannot load is a failed start (exit 3) that names the model, before any waiting."""
     code = main(["--role", "worker", "--shared", str(tmp_path), "--model", "sapod:huge", "--log-format", "json"])

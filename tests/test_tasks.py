@@ -510,3 +510,22 @@ def test_only_rejections_turns_any_error_of_a_check_into_a_rejection() -> None:
     with only_rejections():
         value = 1
     assert value == 1
+
+
+def test_task_spec_problem_says_what_a_node_could_not_use(tmp_path, monkeypatch):
+    """The coordinator's check of a new run's TASKS, in a child process: sapod's own task sets and a
+    task file that is not here are not checked (no child at all); bad names and files are."""
+    good = tmp_path / "t.jsonl"
+    good.write_text('{"question": "1+1?", "answer": "2"}\n')
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    assert tasks.task_spec_problem("basic_arithmetic,bf") is None
+    assert tasks.task_spec_problem(str(good)) is None
+    assert "unknown reasoning-gym task(s): nope" in tasks.task_spec_problem("nope")
+    assert "cannot read task file" in tasks.task_spec_problem(str(tmp_path / "bad.jsonl"))
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("no check needed")
+
+    monkeypatch.setattr(tasks.subprocess, "run", no_child)
+    for spec in (None, "", "default", "easy", str(tmp_path / "elsewhere.jsonl")):
+        assert tasks.task_spec_problem(spec) is None
