@@ -237,7 +237,5 @@ class Coordinator(Node):
         if new.status == "open":
             # Never inline: packing and removing old rounds can take minutes (cleanup turned
             # on late, or KEEP_LAST lowered), and heartbeats and WATCHDOG=1 must go on.
-            tidied = await run_write(tidy_for, self.cfg, new.round)
-            if tidied and (tidied["rounds_removed"] or tidied["errors"]):
-                self.log.info("rounds_tidied", **tidied)
+            await run_write(tidy_for, self.cfg, new.round)  # logs rounds_tidied itself
         return new
