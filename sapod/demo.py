@@ -250,6 +250,8 @@ def _summary(cfg: Config, seconds: float) -> None:
         say(f"{node:<14}{s['rounds']:>7}{s['mean_reward']:>13.4f}{s['cumulative_reward']:>12.4f}"
              f"{s['external_used']:>15}")
     say()
-    say(f"finished in {seconds:.1f}s; files under {root}")
+    state = StateReader(root).read()
+    ended = "finished in" if state is not None and state.status == "finished" else "stopped after"  # Ctrl-C
+    say(f"{ended} {seconds:.1f}s; files under {root}")
     say(f"  state: {paths.state_file(root)}")
     say(f"  metrics: {root / 'logs'}/<node>/metrics.jsonl   checkpoints: {paths.checkpoints_dir(root)}")

@@ -72,7 +72,7 @@ def test_demo_with_scripted_policy(tmp_path, capsys):
     table = [line.split() for line in out.splitlines() if line.startswith("worker-")]
     assert [row[0] for row in table] == ["worker-1", "worker-2", "worker-3"]
     assert all(row[1] == "3" for row in table)
-    assert "files under" in out
+    assert "finished in" in out and "files under" in out
     assert (paths.experiment_root(tmp_path, "demo") / "experiment.json").is_file()
 
 
