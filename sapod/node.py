@@ -169,7 +169,8 @@ class Node:
                 pass
         await self.records_written()
         await self.io(self.records.flush)  # what failed on the way, and the lines since
-        self.log.info("node_stopped", status=self.status, round=self.round)
+        self.log.info("node_stopped", status=self.status if self.phase != "starting" else "never_started",
+                      round=self.round)
         self.notifier.close()
 
     async def _watchdog_loop(self) -> None:

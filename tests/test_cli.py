@@ -92,8 +92,10 @@ def test_unusable_shared_folder_exits_3(tmp_path, capsys):
     """A shared folder that does not exist (drive not mounted) is a failed start: exit 3."""
     code = main(["--role", "worker", "--shared", str(tmp_path / "not-mounted"), "--model", "sapod:scripted",
                  "--log-format", "json"])
-    assert code == 3
-    assert "not a folder" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 3 and "not a folder" in out
+    stopped = [json.loads(x) for x in out.splitlines() if '"node_stopped"' in x]
+    assert [x["status"] for x in stopped] == ["never_started"]
 
 
 def test_a_coordinator_refuses_tasks_the_workers_could_not_use(tmp_path, capsys):
