@@ -18,14 +18,27 @@ def _read(cfg: Config) -> Peer | None:
     return None if doc is None else parse_peer(doc, cfg.node_id)
 
 
+def _first_look(cfg: Config, sleep: float) -> tuple[Peer | None, str]:
+    """The heartbeat file, or why there is none. A file missing or torn at the first
+    look (mid-replace on some network mounts) is looked at again for one heartbeat."""
+    deadline = time.monotonic() + cfg.heartbeat_interval
+    while True:
+        try:
+            peer = _read(cfg)
+            why = f"no heartbeat file at {paths.peer_file(cfg.root, cfg.node_id)}"
+        except Rejected as exc:
+            peer, why = None, f"heartbeat file unreadable: {exc.reason}"
+        if peer is not None or time.monotonic() >= deadline:
+            return peer, f"{cfg.node_id}: {why}"
+        time.sleep(sleep)
+
+
 def check_node(cfg: Config, sleep: float = 0.2) -> tuple[bool, str]:
-    """(healthy, one-line reason). Waits up to two heartbeats plus a second."""
-    try:
-        first = _read(cfg)
-    except Rejected as exc:
-        return False, f"{cfg.node_id}: heartbeat file unreadable: {exc.reason}"
+    """(healthy, one-line reason). Waits up to three heartbeats plus a second: one
+    for a readable heartbeat file, two more and a second for its beat to move."""
+    first, why = _first_look(cfg, sleep)
     if first is None:
-        return False, f"{cfg.node_id}: no heartbeat file at {paths.peer_file(cfg.root, cfg.node_id)}"
+        return False, why
     if first.status in GONE:
         return False, f"{cfg.node_id}: {first.status} (round {first.round}, phase {first.phase})"
     window = 2 * cfg.heartbeat_interval + 1.0

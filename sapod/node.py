@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 
 import structlog
 
-from sapod import __version__, paths, schema
+from sapod import __version__, owner, paths, schema
 from sapod.config import Config
-from sapod.errors import Displaced, Rejected, StartupError, Stopping
+from sapod.errors import Displaced, StartupError, Stopping
 from sapod.executor import finish, run_append, run_write
 from sapod.logs import RecordBuffer, get_logger, write_records
 from sapod.sdnotify import Notifier
 from sapod.state import StateReader
-from sapod.store import atomic_write_json, read_json
+from sapod.store import atomic_write_json
 from sapod.watch import Watcher, is_remote, mount_fstype, pick_watch_mode
 
 T = TypeVar("T")
@@ -200,31 +200,22 @@ class Node:
         self.beat += 1
         atomic_write_json(paths.peer_file(self.root, self.node_id), self._peer_doc(), durable=False)
 
-    def _live_owner(self) -> schema.Peer | None:
-        """Another daemon's heartbeat in our peer file, unless it says it has stopped."""
-        try:
-            doc = read_json(paths.peer_file(self.root, self.node_id))
-            other = schema.parse_peer(doc, self.node_id) if doc else None
-        except (Rejected, OSError):
-            return None
-        if other is None or other.instance == self.instance or other.status in ("stopped", "finished"):
-            return None
-        return other
-
     async def _yield_to_live_owner(self) -> None:
         """Before registering: if the heartbeat already under this NODE_ID still moves,
         step down (exit 4) without touching its file. A crashed predecessor's beat stands
         still, so a restart waits about two heartbeats and then takes over."""
-        first = await self.io(self._live_owner)
+        first = await self.io(owner.look, self.root, self.node_id, self.instance)
+        if first in (owner.ABSENT, owner.FREE):
+            return
         deadline = time.monotonic() + 2 * self.cfg.heartbeat_interval + 0.5
-        while first is not None and time.monotonic() < deadline and not self.stop.is_set():
+        while time.monotonic() < deadline and not self.stop.is_set():
             await self.nap(self.cfg.heartbeat_interval / 4)
-            now = await self.io(self._live_owner)
-            if now is None:
+            now = await self.io(owner.look, self.root, self.node_id, self.instance)
+            if now == owner.FREE:
                 return
-            if (now.instance, now.beat) != (first.instance, first.beat):
-                raise Displaced(f"another daemon (instance {now.instance[:8]} on {now.host}, pid {now.pid}) "
-                                f"owns NODE_ID {self.node_id}")
+            first, moved = owner.still_beating(first, now)
+            if moved:
+                raise owner.displaced(now, self.node_id)
 
     def _check_owner(self) -> None:
         """Anyone else's instance in our peer file wrote it after our last beat: a twin.
@@ -234,16 +225,11 @@ class Node:
         file from a crashed predecessor is overwritten at registration and never
         comes back.
         """
-        try:
-            doc = read_json(paths.peer_file(self.root, self.node_id))
-            other = schema.parse_peer(doc, self.node_id) if doc else None
-        except Rejected:
-            return
-        if other is None or other.instance == self.instance or other.status in ("stopped", "finished"):
+        other = owner.look(self.root, self.node_id, self.instance, io_errors=False)
+        if isinstance(other, str):
             return
         if (other.started_at, other.instance) < (self.started_at, self.instance):
-            raise Displaced(f"another daemon (instance {other.instance[:8]} on {other.host}, pid {other.pid}) "
-                            f"owns NODE_ID {self.node_id}")
+            raise owner.displaced(other, self.node_id)
         self.log.warning("duplicate_node_id", other_instance=other.instance, other_host=other.host)
 
     async def heartbeat(self) -> None:

@@ -41,6 +41,32 @@ def test_check_unhealthy_when_beat_stands_still(tmp_path, capsys):
     assert "no heartbeat file" in capsys.readouterr().out
 
 
+def test_check_looks_again_when_the_first_read_is_torn(tmp_path, capsys):
+    """A heartbeat file caught mid-replace (torn, as some network mounts show it) at the
+    first look is read again; a live node is not reported unreadable or missing."""
+    import time
+
+    root = paths.experiment_root(tmp_path, "e")
+    path = paths.peer_file(root, "w1")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"schema": ')
+    done = threading.Event()
+
+    def node_that_beats_soon():
+        time.sleep(0.1)
+        with beating(root, "w1"):
+            done.wait(10)
+
+    t = threading.Thread(target=node_that_beats_soon)
+    t.start()
+    try:
+        assert main(check_args(tmp_path)) == 0
+    finally:
+        done.set()
+        t.join()
+    assert capsys.readouterr().out.startswith("healthy: w1: alive")
+
+
 def test_gpu_thread_lines_carry_the_node_context():
     """A line logged on the GPU thread carries node, round and stage bound on the loop."""
     out = io.StringIO()

@@ -172,6 +172,41 @@ def test_duplicate_node_id_is_displaced(make_cfg):
     asyncio.run(go())
 
 
+def test_a_live_owner_whose_file_reads_torn_at_times_is_not_taken_over(make_cfg):
+    """On a FUSE mount that copies a replaced file into place, a reader sometimes gets a
+    torn peer file. A daemon starting under a NODE_ID whose beat still moves steps down
+    before registering even when some of its looks land on a torn copy; it does not
+    take a torn read for a dead owner and write over the live one's file."""
+    import threading
+
+    from conftest import write_peer
+
+    w = Worker(make_cfg("worker", "w1", max_rounds=5))
+    path = paths.peer_file(w.root, "w1")
+    done = threading.Event()
+
+    def owner_on_a_fuse_mount():
+        beat = 1
+        while not done.is_set():
+            write_peer(w.root, "w1", beat)
+            time.sleep(0.1)
+            path.write_text('{"schema": ')  # the copy the mount shows for a moment
+            time.sleep(0.03)
+            beat += 1
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_peer(w.root, "w1", 0)
+    t = threading.Thread(target=owner_on_a_fuse_mount)
+    t.start()
+    try:
+        with pytest.raises(Displaced):
+            asyncio.run(asyncio.wait_for(w.run(), 10))
+    finally:
+        done.set()
+        t.join()
+    assert not w.registered.is_set()
+
+
 def test_newer_coordinator_displaces_older(make_cfg):
     """A second coordinator takes the next epoch; the first steps down with Displaced."""
     old = Coordinator(make_cfg("coordinator", "c1", max_rounds=1000))
