@@ -312,10 +312,13 @@ _LOCK = threading.Lock()
 
 
 def _ignored(path: str, reason: str) -> None:
-    """Log once per path that an entry is ignored (conflict copies, strays, links)."""
-    if path in _IGNORED:
-        return
+    """Log once per path that an entry is ignored (conflict copies, strays, links).
+    The memory is bounded and forgets the least recently listed paths first: one
+    that stays in a folder listed every round is never logged again."""
     with _LOCK:
+        if path in _IGNORED:
+            _IGNORED.move_to_end(path)
+            return
         _IGNORED[path] = None
         if len(_IGNORED) > _IGNORED_MAX:
             _IGNORED.popitem(last=False)

@@ -295,3 +295,36 @@ def test_read_each_reads_several_at_once_in_order_or_one_by_one_here():
         read_each(failing, items, concurrent=True)
     here = threading.current_thread()
     assert read_each(lambda x: threading.current_thread() is here, items, concurrent=False) == [True] * len(items)
+
+
+def test_an_ignored_entry_that_stays_is_logged_once_however_many_come_and_go(tmp_path, monkeypatch):
+    """The log-once memory of ignored entries is bounded; a stray that stays in a folder
+    listed every round (a conflict copy in peers/) is not logged again because many
+    short-lived strays were seen since."""
+    import io
+    import json
+    import sys
+
+    from sapod import store
+    from sapod.logs import configure_logging
+
+    monkeypatch.setattr(store, "_IGNORED", store.OrderedDict())
+    monkeypatch.setattr(store, "_IGNORED_MAX", 4)
+    peers, rounds = tmp_path / "peers", tmp_path / "rounds"
+    peers.mkdir()
+    rounds.mkdir()
+    (peers / "w1 (1).json").write_text("{}")
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    try:
+        for i in range(12):
+            list_node_files(peers)
+            stray = rounds / f"stray-{i}.txt"
+            stray.write_text("")
+            list_node_files(rounds)
+            stray.unlink()
+    finally:
+        configure_logging("json", "warning", stream=sys.stdout)
+    about = [e for e in map(json.loads, out.getvalue().splitlines()) if e["event"] == "entry_ignored"]
+    assert [e["path"] for e in about].count(str(peers / "w1 (1).json")) == 1
+    assert len(about) == 13
