@@ -4,6 +4,7 @@ The coordinator calls :func:`tidy_rounds` after each round advance. It keeps the
 open round and the ``keep_last - 1`` rounds before it; ``keep_last`` is at least 2
 so the previous round, which a slow worker may still be reading, always stays.
 Checkpoints are not handled here (sapod.checkpoint keeps the last CHECKPOINT_KEEP).
+:func:`remove_stale_temps` clears what a killed writer left beside a file it rewrites.
 
 Blocking file work: call it off the event loop (``await node.io(tidy_for, ...)``).
 Nothing here raises for a filesystem error: each failure is logged with a reason
@@ -18,6 +19,7 @@ import shutil
 import stat
 import sys
 import tarfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,30 @@ from sapod.logs import get_logger
 from sapod.store import fsync_dir
 
 TREES = ("rollouts", "rewards")  # the per-round folders of DESIGN.md section 3 that we own
+
+
+STALE_TEMP_AGE = 120.0  # seconds: no write of a small file is in flight for this long
+
+
+def remove_stale_temps(path: Path, min_age: float = STALE_TEMP_AGE) -> int:
+    """Remove the temp files that writes of ``path`` left behind (a kill between the
+    create and the rename) once older than ``min_age``: a younger one may be a write
+    in flight. Returns how many."""
+    prefix, cutoff, n = f".{path.name}.tmp-", time.time() - min_age, 0
+    try:
+        with os.scandir(path.parent) as it:
+            for entry in it:
+                if not entry.name.startswith(prefix):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        n += 1
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        return 0
+    return n
 
 
 def _archive_file(archives: Path, experiment: str, round_: int) -> Path:

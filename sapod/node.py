@@ -26,6 +26,7 @@ from sapod import __version__, owner, paths, schema
 from sapod.config import Config
 from sapod.errors import Displaced, StartupError, Stopping
 from sapod.executor import finish, run_append, run_write
+from sapod.housekeeping import remove_stale_temps
 from sapod.logs import RecordBuffer, get_logger, write_records
 from sapod.sdnotify import Notifier
 from sapod.state import StateReader
@@ -141,6 +142,8 @@ class Node:
             raise OSError(f"{self.cfg.shared} is not a folder (is the drive mounted?)")
         for d in (paths.peers_dir(self.root), paths.state_dir(self.root), paths.logs_dir(self.root, self.node_id)):
             d.mkdir(parents=True, exist_ok=True)
+        if stale := remove_stale_temps(paths.peer_file(self.root, self.node_id)):
+            self.log.info("stale_temps_removed", folder="peers", count=stale)
         self._write_peer()
 
     async def main(self) -> None:

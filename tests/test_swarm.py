@@ -207,6 +207,26 @@ def test_a_live_owner_whose_file_reads_torn_at_times_is_not_taken_over(make_cfg)
     assert not w.registered.is_set()
 
 
+def test_a_restarted_node_removes_the_heartbeat_temp_files_a_kill_left(make_cfg):
+    """A node killed between creating its heartbeat's temp file and renaming it leaves
+    the temp in peers/ for good; the node removes its own old ones when it registers.
+    A young one (a write that may be in flight) and another node's are left alone."""
+    import os
+
+    nodes = swarm(make_cfg, workers=1, max_rounds=1)
+    peers = paths.peers_dir(nodes[0].root)
+    peers.mkdir(parents=True)
+    old, young, others = (peers / ".w1.json.tmp-41-0badf00d", peers / ".w1.json.tmp-42-1badf00d",
+                          peers / ".w2.json.tmp-43-2badf00d")
+    for f in (old, young, others):
+        f.write_text('{"schema": ')
+    for f in (old, others):
+        os.utime(f, (time.time() - 600, time.time() - 600))
+    assert run_nodes(*nodes) == [None, None]
+    assert not old.exists()
+    assert young.exists() and others.exists()
+
+
 def test_newer_coordinator_displaces_older(make_cfg):
     """A second coordinator takes the next epoch; the first steps down with Displaced."""
     old = Coordinator(make_cfg("coordinator", "c1", max_rounds=1000))
