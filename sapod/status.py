@@ -172,12 +172,14 @@ def collect_status(cfg_or_root: Config | Path | str, *, watch: HeartbeatWatch | 
 
 
 def _eta(row: dict[str, Any], max_rounds: int | None) -> float | None:
+    """Seconds until the node has done ``max_rounds``: 0.0 once it has (or finished), None when it
+    cannot be told, and None for a node that is not alive (stopped or dead): it is not training."""
     if max_rounds is None or row["rounds_done"] is None:
         return None
     left = max_rounds - row["rounds_done"]
     if left <= 0 or row["status"] == "finished":
         return 0.0
-    if not row["rounds_per_hour"]:
+    if not row["alive"] or not row["rounds_per_hour"]:
         return None
     return left / row["rounds_per_hour"] * 3600.0
 

@@ -11,7 +11,7 @@ import pytest
 import sapod.peers
 from sapod import paths
 from sapod.cli import main
-from sapod.status import collect_status, read_tail
+from sapod.status import collect_status, format_status, read_tail
 
 from conftest import beating, read_rows, write_peer
 
@@ -204,3 +204,32 @@ def test_status_skips_odd_metrics_rows(tmp_path, odd, kept):
     assert node["last_reward"] == (0.5 if kept else 0.25)
     assert node["cumulative_reward"] == (None if kept else 0.25)
     assert node["rounds_per_hour"] is None or node["rounds_per_hour"] == pytest.approx(36.0)
+
+
+def test_eta_only_for_nodes_that_are_alive(demo, tmp_path):
+    """A node that is stopped, or whose heartbeat stands still (dead), gets no ETA even with rounds
+    left and a rate in its metrics: it is not training, so nothing will finish. A live node with
+    the same metrics gets one; the table shows '-' for none."""
+    _, finished = demo
+    root = paths.experiment_root(tmp_path, "e")
+    root.mkdir(parents=True)
+    paths.experiment_file(root).write_bytes(paths.experiment_file(finished).read_bytes())  # max_rounds 6
+    rows = "".join(json.dumps({"round": r, "reward_mean": 0.5, "ts": 100.0 + 60 * r}) + "\n" for r in range(3))
+    for node in ("w-alive", "w-dead", "w-stopped"):
+        path = paths.metrics_file(root, node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rows)
+    write_peer(root, "w-dead", 4)
+    write_peer(root, "w-stopped", 4, status="stopped")
+    with beating(root, "w-alive"):
+        status = collect_status(root, window=1.0, heartbeat_interval=0.3, peer_timeout=5.0)
+    nodes = {n["node"]: n for n in status["nodes"]}
+    assert {n: v["liveness"] for n, v in nodes.items()} == {"w-alive": "alive", "w-dead": "dead",
+                                                            "w-stopped": "stopped"}
+    for node in nodes.values():
+        assert node["rounds_done"] == 3 and node["rounds_per_hour"] == pytest.approx(60.0)
+    assert nodes["w-alive"]["eta_s"] == pytest.approx(3 * 60.0)  # 3 rounds left at a round a minute
+    assert nodes["w-dead"]["eta_s"] is None and nodes["w-stopped"]["eta_s"] is None
+    table = {line.split()[0]: line.split()[-1] for line in format_status(status).splitlines()
+             if line.startswith("w-")}
+    assert table == {"w-alive": "3m00s", "w-dead": "-", "w-stopped": "-"}
