@@ -143,17 +143,18 @@ def _resumable(root: Path, nodes: int) -> bool:
 
 class _Progress:
     """Per-round progress with an ETA for the whole experiment: a bar on a terminal, a line every
-    tenth of a run otherwise (a 2000-round run should not print 2000 lines)."""
+    tenth of a run otherwise (a 2000-round run should not print 2000 lines). ``total`` counts every
+    round of every run, ``before`` those an earlier invocation did: they count as done, not for the pace."""
 
-    def __init__(self, total_rounds: int):
-        self.total, self.done, self.t0 = total_rounds, 0, time.monotonic()
+    def __init__(self, total_rounds: int, done_before: int = 0):
+        self.total, self.before, self.done, self.t0 = total_rounds, done_before, 0, time.monotonic()
         self.tty = sys.stdout.isatty()
         self.bar_shown = False
 
     def eta(self) -> str:
         if not self.done:
             return "?"
-        return _duration((time.monotonic() - self.t0) / self.done * max(0, self.total - self.done))
+        return _duration((time.monotonic() - self.t0) / self.done * max(0, self.total - self.before - self.done))
 
     def say(self, text: str) -> None:
         if self.bar_shown:
@@ -176,7 +177,7 @@ class _Progress:
             seen[0] = done
             rewards = [r for r, _ in round_rewards(cfg.root, done - 1).values()]
             mean = f"{sum(rewards) / len(rewards):.3f}" if rewards else "-"
-            pct = 100 * self.done // max(1, self.total)
+            pct = 100 * (self.before + self.done) // max(1, self.total)
             text = f"{label} round {done}/{cfg.max_rounds} reward {mean}   experiment {pct:3d}%  ETA {self.eta()}"
             if self.tty:
                 filled = 20 * done // cfg.max_rounds
@@ -336,8 +337,7 @@ def _run_all(out: Path, base: Config, runs: list[Run], args: argparse.Namespace,
              failed: list[str]) -> tuple[int, list[tuple[Run, Path]]]:
     """Runs what is not finished yet, in order; returns the exit code and the finished runs."""
     before = {r: _done_rounds(run_root(out, r), args.rounds) for r in runs}
-    todo = [r for r in runs if not before[r][1]]
-    progress = _Progress(sum(args.rounds - before[r][0] for r in todo))
+    progress = _Progress(len(runs) * args.rounds, sum(min(args.rounds, before[r][0]) for r in runs))
     finished: list[tuple[Run, Path]] = []
     for n, run in enumerate(runs, 1):
         root = run_root(out, run)
@@ -350,7 +350,7 @@ def _run_all(out: Path, base: Config, runs: list[Run], args: argparse.Namespace,
         if root.parent.parent.exists() and not _resumable(root, args.nodes):
             progress.say(f"{head}: unfinished and not resumable without losing rounds: starting again")
             shutil.rmtree(root.parent.parent)
-            progress.total -= already
+            progress.before -= already  # those rounds are run again
             already = 0
         elif already:
             progress.say(f"{head}: resuming after round {already}")
@@ -363,7 +363,8 @@ def _run_all(out: Path, base: Config, runs: list[Run], args: argparse.Namespace,
         if not _done_rounds(root, args.rounds)[1]:
             if code == 0:  # the swarm was stopped, not broken
                 progress.say(f"{head}: interrupted after {_duration(took)}; rerun the same command to resume")
-                return EXIT_INTERRUPTED, finished
+                # Runs later in the order may have finished in an earlier invocation: keep them too.
+                return EXIT_INTERRUPTED, finished + [(r, run_root(out, r)) for r in runs[n:] if before[r][1]]
             progress.say(f"{head}: FAILED after {_duration(took)} (see above and {root}/logs)")
             failed.append(run.name)
             continue

@@ -6,13 +6,16 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
+import time
 
 import pytest
 
 from sapod import experiment, paths
 from sapod.report import config_numbers, total_format
 from sapod.cli import main
+from sapod.policy.scripted import ScriptedPolicy
 from sapod.state import StateReader
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -21,8 +24,13 @@ ARGS = FAST + ["--configs", "2/0,1/1", "--seeds", "2", "--rounds", "5"]
 WORKERS = ("worker-1", "worker-2")
 
 
-def run(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run(argv: list[str], tty: bool = False) -> tuple[int, str, str]:
+    out, err = (_Terminal() if tty else io.StringIO()), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(["experiment", *argv])
     return code, out.getvalue(), err.getvalue()
@@ -199,10 +207,9 @@ def test_no_j0_config_warns(tmp_path):
     assert "warning: no J=0 config: improvements are relative to the first config, i1j1" in printed
 
 
-def test_ctrl_c_keeps_finished_runs_and_a_rerun_resumes(tmp_path, monkeypatch):
-    """SIGINT mid-run stops cleanly (exit 0, 'interrupted'); the rerun skips the finished run,
-    resumes the stopped one from its checkpoints and ends with every round recorded once and the
-    same rewards as a run never stopped (every random choice derives from seed, node and round)."""
+def _stop_i1j1_at_round_3(out, monkeypatch, args):
+    """Runs ``args`` with a SIGINT once i1j1-seed1 reaches round 3: i2j0 finished, i1j1 stopped.
+    Returns what it printed and the stopped run's state."""
     real = experiment.run_swarm
 
     def interrupting(cfg, n, on_poll):
@@ -216,16 +223,23 @@ def test_ctrl_c_keeps_finished_runs_and_a_rerun_resumes(tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGINT)
         return real(cfg, n, poll)
 
-    args = FAST + ["--configs", "2/0,1/1", "--seeds", "1", "--rounds", "40", "--out", str(tmp_path)]
     monkeypatch.setattr(experiment, "run_swarm", interrupting)
     code, printed, err = run(args)
-    assert code == 0, printed + err
-    assert "i1j1-seed1: interrupted" in printed and "rerun the same command to resume" in printed
-    stopped = StateReader(root_of(tmp_path, "i1j1-seed1")).read()
+    monkeypatch.setattr(experiment, "run_swarm", real)
+    assert code == 0 and "i1j1-seed1: interrupted" in printed, printed + err
+    return printed, StateReader(root_of(out, "i1j1-seed1")).read()
+
+
+def test_ctrl_c_keeps_finished_runs_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """SIGINT mid-run stops cleanly (exit 0, 'interrupted'); the rerun skips the finished run,
+    resumes the stopped one from its checkpoints and ends with every round recorded once and the
+    same rewards as a run never stopped (every random choice derives from seed, node and round)."""
+    args = FAST + ["--configs", "2/0,1/1", "--seeds", "1", "--rounds", "40", "--out", str(tmp_path)]
+    printed, stopped = _stop_i1j1_at_round_3(tmp_path, monkeypatch, args)
+    assert "rerun the same command to resume" in printed
     assert stopped.status == "open" and 3 <= stopped.round < 39
     assert "| i2j0 | 2 | 0 | 1 |" in printed  # the finished run is in the table already
 
-    monkeypatch.setattr(experiment, "run_swarm", real)
     code, printed, err = run(args)
     assert code == 0, printed + err
     assert "i2j0-seed1: skipped" in printed and f"i1j1-seed1: resuming after round {stopped.round}" in printed
@@ -240,3 +254,59 @@ def test_ctrl_c_keeps_finished_runs_and_a_rerun_resumes(tmp_path, monkeypatch):
     assert run(FAST + ["--configs", "1/1", "--seeds", "1", "--rounds", "40", "--out", str(whole)])[0] == 0
     assert json.loads((whole / "results.json").read_text())["runs"][0]["per_node_total"] == pytest.approx(
         doc["runs"][1]["per_node_total"])
+
+
+def test_clean_stop_keeps_runs_finished_later_in_the_order(tmp_path, monkeypatch):
+    """A clean stop keeps every finished run in the table and results.json, including one later in
+    the order than the stopped run: here i2j0 failed on the first try (so i1j1 finished after it),
+    and the rerun is stopped cleanly while retrying i2j0."""
+    real = experiment.run_swarm
+    args = FAST + ["--configs", "2/0,1/1", "--seeds", "1", "--rounds", "3", "--out", str(tmp_path)]
+
+    def first_fails(cfg, n, on_poll):
+        return 1 if cfg.experiment == "i2j0-seed1" else real(cfg, n, on_poll)
+
+    monkeypatch.setattr(experiment, "run_swarm", first_fails)
+    code, printed, err = run(args)
+    assert code == 1 and "i2j0-seed1: FAILED" in printed, printed + err
+    assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]] == ["i1j1-seed1"]
+
+    def stopped_cleanly(cfg, n, on_poll):  # what run_swarm returns when SIGINT stops the swarm
+        assert cfg.experiment == "i2j0-seed1", "the rerun must stop at i2j0, before reaching i1j1"
+        return 0
+
+    monkeypatch.setattr(experiment, "run_swarm", stopped_cleanly)
+    code, printed, err = run(args)
+    assert code == 0, printed + err
+    assert "i2j0-seed1: interrupted" in printed
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == ["i1j1-seed1"]
+    assert "| i1j1 | 1 | 1 | 1 |" in printed and "| i1j1-seed1 | 2 | 3 |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["resumed", "started-again"])
+def test_progress_counts_the_whole_experiment_on_a_rerun(tmp_path, monkeypatch, restart):
+    """On a rerun the experiment's progress counts the rounds done before it: with i2j0 (R rounds)
+    finished, i1j1 at round d is (R + d)/2R of the experiment, whether i1j1 resumed or (its
+    checkpoints gone, as after a hard kill) started again; it never passes 100 %."""
+    R = 40
+    # Scripted rounds take milliseconds: slowed, the SIGINT lands mid-run and several polls see the rerun.
+    real_generate = ScriptedPolicy.generate
+
+    def slow_generate(self, *a, **k):
+        time.sleep(0.02)
+        return real_generate(self, *a, **k)
+
+    monkeypatch.setattr(ScriptedPolicy, "generate", slow_generate)
+    args = FAST + ["--configs", "2/0,1/1", "--seeds", "1", "--rounds", str(R), "--out", str(tmp_path)]
+    stopped_at = _stop_i1j1_at_round_3(tmp_path, monkeypatch, args)[1].round
+    if restart:
+        import shutil
+        shutil.rmtree(paths.checkpoints_dir(root_of(tmp_path, "i1j1-seed1")))
+    code, printed, err = run(args, tty=True)  # a terminal: every poll that sees a new round draws the bar
+    assert code == 0, printed + err
+    assert ("starting again" in printed) == restart
+    assert (f"resuming after round {stopped_at}" in printed) == (not restart)
+    lines = re.findall(rf"i1j1-seed1 round (\d+)/{R} reward \S+ +experiment +(\d+)%", printed)
+    assert len(lines) >= 2 and lines[-1] == (str(R), "100")
+    assert [int(pct) for _, pct in lines] == [100 * (R + int(d)) // (2 * R) for d, _ in lines]
