@@ -106,6 +106,8 @@ class Node:
         self.log.info("node_starting", version=__version__, instance=self.instance, model=self.cfg.model,
                       shared=str(self.cfg.shared), experiment=self.cfg.experiment, watch=self.watch_mode,
                       watch_reason=why, inline_io=self.inline_io)
+        if self.watch_mode == "inotify" and not self.inline_io:
+            self.log.warning("inotify_on_network_mount", reason=why, hint="WATCH_MODE=auto polls here")
         await self._yield_to_live_owner()
         for attempt in range(1, STARTUP_TRIES + 1):
             self.registered_at = time.monotonic()

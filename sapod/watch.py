@@ -54,9 +54,12 @@ def is_remote(fstype: str) -> bool:
 
 def pick_watch_mode(requested: str, shared: Path, mounts: str = "/proc/self/mounts") -> tuple[str, str]:
     """(mode, reason). ``auto`` polls on network and FUSE mounts, where inotify is blind."""
+    fstype = mount_fstype(shared, mounts)
+    if requested == "inotify" and is_remote(fstype):
+        return "inotify", (f"requested on a {fstype} mount, where inotify sees only this machine's writes: "
+                           "other machines' files are found by the rescans every POLL_INTERVAL")
     if requested != "auto":
         return requested, "requested"
-    fstype = mount_fstype(shared, mounts)
     if is_remote(fstype):
         return "poll", f"{fstype} mount"
     if IN is None:  # pragma: no cover - platforms without inotify

@@ -519,3 +519,25 @@ def test_a_coordinator_restarted_with_max_rounds_below_the_open_round_finishes(m
     run_nodes(again, timeout=10, stop_after=1.0)
     state = schema.parse_state(read_json(paths.state_file(coord.root)))
     assert (state.round, state.status) == (5, "open")
+
+
+def test_inotify_asked_for_on_a_network_mount_is_warned_about(make_cfg, monkeypatch):
+    """WATCH_MODE=inotify on a network mount: inotify sees only this machine's writes there.
+    The nodes run (rescans find the rest) and each says so at start, with the fix."""
+    import io
+    import sys
+
+    from sapod import node, watch
+    from sapod.logs import configure_logging
+
+    monkeypatch.setattr(node, "is_remote", lambda fstype: True)
+    monkeypatch.setattr(watch, "is_remote", lambda fstype: True)
+    out = io.StringIO()
+    configure_logging("json", "warning", stream=out)
+    try:
+        assert run_nodes(*swarm(make_cfg, workers=1, max_rounds=2, watch_mode="inotify")) == [None, None]
+    finally:
+        configure_logging("json", "warning", stream=sys.stdout)
+    warned = [e for e in map(json.loads, out.getvalue().splitlines()) if e["event"] == "inotify_on_network_mount"]
+    assert sorted(e["node"] for e in warned) == ["coord", "w1"]
+    assert all(e["hint"] == "WATCH_MODE=auto polls here" and "only this machine" in e["reason"] for e in warned)

@@ -29,6 +29,9 @@ def test_auto_polls_on_network_and_fuse_mounts(tmp_path):
     assert pick_watch_mode("auto", "/mnt/nfs/local/x", m)[0] == "inotify"  # the longest mount point wins
     assert pick_watch_mode("auto", "/home/user/swarm", m) == ("inotify", "ext4 mount")
     assert pick_watch_mode("poll", "/home/user/swarm", m) == ("poll", "requested")
+    assert pick_watch_mode("inotify", "/home/user/swarm", m) == ("inotify", "requested")
+    mode, why = pick_watch_mode("inotify", "/mnt/nfs/shared", m)  # asked for, and blind there: said so
+    assert mode == "inotify" and why.startswith("requested on a nfs4 mount, where inotify sees only this machine")
     assert mount_fstype("/x", str(tmp_path / "missing")) == "unknown"
 
 
