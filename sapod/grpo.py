@@ -16,8 +16,9 @@ Departures from textbook GRPO (DeepSeekMath, Shao et al. 2024, outcome supervisi
 4. Advantages come from ``sapod.advantages.group_advantages``: ``(r - mean) / (std + 1e-4)``
    with the *population* std (the paper does not say which std, nor adds an eps). A group
    whose rewards are all equal gets all-zero advantages and so no gradient.
-5. Log-probs are taken from the logits as given (temperature 1); sampling temperature and
-   top-p are not folded into the training distribution.
+5. Log-probs are those of the sampling temperature, ``log_softmax(logits / T)`` (as TRL does),
+   so the gradient is the policy gradient of the distribution sampled from; top-p is not
+   folded in (nor is it in TRL).
 
 How a policy uses these (one update per round, so ``old_logp = logp.detach()``) is
 documented in ``sapod.policy.hf``.
@@ -69,8 +70,10 @@ def completion_logprobs(
     targets: torch.Tensor,
     mask: torch.Tensor | None = None,
     chunk: int = 1024,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """log p(target) per position, shape of ``targets``, in fp32; 0 where ``mask`` is 0.
+    """log softmax(logits / temperature) at the target per position, shape of ``targets``;
+    0 where ``mask`` is 0. In fp32 (float64 for float64 logits).
 
     ``logits[..., t, :]`` must already be the prediction for ``targets[..., t]`` (shifted).
     Only rows under the mask are computed, ``chunk`` rows at a time, so at most one
@@ -78,6 +81,8 @@ def completion_logprobs(
     to its log_softmax, in backward too (``_ChunkedLogprobs``). ``logit - logsumexp``
     equals log_softmax gathered at the target.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, not {temperature!r}")
     vocab = logits.size(-1)
     rows = logits.reshape(-1, vocab)
     tgt = targets.reshape(-1)
@@ -85,7 +90,7 @@ def completion_logprobs(
     if mask is not None:
         keep = mask.reshape(-1).bool()
         rows, tgt = rows[keep], tgt[keep]
-    out = _ChunkedLogprobs.apply(rows, tgt, chunk)
+    out = _ChunkedLogprobs.apply(rows, tgt, chunk, 1.0 / temperature)
     if keep is None:
         return out.view(targets.shape)
     full = out.new_zeros(keep.shape).masked_scatter(keep, out)
@@ -93,33 +98,42 @@ def completion_logprobs(
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
-    """``logit[target] - logsumexp(logits)`` per row, upcast ``chunk`` rows at a time.
+    """``z[target] - logsumexp(z)`` per row for ``z = scale * logits``, upcast ``chunk`` rows at a time.
 
     Plain autograd would keep every chunk's fp32 copy for logsumexp's backward, so the
     whole fp32 array after all; here backward upcasts again, chunk by chunk, from the
-    saved logits (gradient: one-hot(target) - softmax).
+    saved logits (gradient: scale * (one-hot(target) - softmax(z))). The compute dtype is
+    fp32, or the input's if wider (float64 stays float64).
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, chunk: int, scale: float) -> torch.Tensor:
         ctx.save_for_backward(rows, targets)
-        ctx.chunk = chunk
-        out = torch.empty(rows.size(0), dtype=torch.float32, device=rows.device)
+        ctx.chunk, ctx.scale = chunk, scale
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        out = torch.empty(rows.size(0), dtype=dtype, device=rows.device)
         for s in range(0, rows.size(0), chunk):
-            block = rows[s : s + chunk].float()
+            block = rows[s : s + chunk].to(dtype)
+            if scale != 1.0:
+                block = block * scale
             out[s : s + chunk] = block.gather(1, targets[s : s + chunk, None]).squeeze(1) - block.logsumexp(-1)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, targets = ctx.saved_tensors
+        scale = ctx.scale
+        dtype = torch.promote_types(rows.dtype, torch.float32)
         out = torch.empty_like(rows)
         for s in range(0, rows.size(0), ctx.chunk):
-            g = grad[s : s + ctx.chunk, None]
-            block = -torch.softmax(rows[s : s + ctx.chunk].float(), dim=-1) * g
+            g = grad[s : s + ctx.chunk, None].to(dtype) * scale
+            block = rows[s : s + ctx.chunk].to(dtype)
+            if scale != 1.0:
+                block = block * scale
+            block = -torch.softmax(block, dim=-1) * g
             block.scatter_add_(1, targets[s : s + ctx.chunk, None], g)
             out[s : s + ctx.chunk] = block
-        return out, None, None
+        return out, None, None, None
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

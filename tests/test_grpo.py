@@ -164,3 +164,53 @@ def test_chunked_logprobs_keep_no_fp32_copy_of_the_logits_for_backward():
     wide = logits.detach().float().requires_grad_()
     (want,) = torch.autograd.grad(torch.log_softmax(wide, -1).gather(-1, targets[:, None]).sum(), wide)
     assert grad.dtype == torch.bfloat16 and torch.allclose(grad.float(), want, atol=1e-2)
+
+
+def test_flat_groups_get_exactly_zero_advantages():
+    """All-equal rewards give exactly 0.0, also for values like 0.1 whose float mean is off by an ulp
+    (it gave -1.4e-13 for every completion: a same-signed push), and agree with has_signal."""
+    from sapod.advantages import group_advantages, has_signal
+
+    for rewards in ([0.1] * 3, [0.7] * 5, [1 / 3] * 7, [0.3], [1.0, 1.0 + 1e-12]):
+        assert not has_signal(rewards)
+        assert group_advantages(rewards) == [0.0] * len(rewards)
+    adv = sequence_advantages([[0.1, 0.1, 0.1], [1.0, 0.0]])
+    assert adv.dtype == torch.float32 and adv[:3].tolist() == [0.0, 0.0, 0.0]
+    assert adv[3:].tolist() == pytest.approx([A, -A], abs=1e-6)
+
+
+def test_chunked_logprobs_keep_float64_precision_and_pass_gradcheck():
+    """float64 logits are computed in float64 (they were cut to fp32), so values match the plain
+    log_softmax gather to 1e-12 and the custom backward passes torch.autograd.gradcheck."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, 4, 9, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 9, (3, 4))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]])
+    got = completion_logprobs(logits, targets, mask, chunk=2)
+    naive = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    assert got.dtype == torch.float64 and torch.allclose(got, naive, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: completion_logprobs(x, targets, mask, chunk=2), (logits,))
+    assert torch.autograd.gradcheck(lambda x: completion_logprobs(x, targets, mask, chunk=2, temperature=0.7),
+                                    (logits,))
+
+
+def test_chunked_logprobs_fold_the_sampling_temperature():
+    """temperature T gives log softmax(logits / T) at the target, values and gradients (fp32 and bf16)."""
+    torch.manual_seed(4)
+    logits = torch.randn(2, 5, 13, requires_grad=True)
+    targets = torch.randint(0, 13, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    got = completion_logprobs(logits, targets, mask, chunk=3, temperature=0.7)
+    naive = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    assert torch.allclose(got, naive, atol=1e-6)
+    (g1,) = torch.autograd.grad(got.sum(), logits)
+    (g2,) = torch.autograd.grad(naive.sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-6)
+    half = logits.detach().to(torch.bfloat16).requires_grad_()
+    got_h = completion_logprobs(half, targets, mask, chunk=3, temperature=0.7)
+    wide = half.detach().float().requires_grad_()
+    want = torch.log_softmax(wide / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    assert got_h.dtype == torch.float32 and torch.allclose(got_h, want, atol=1e-6)
+    (gh,) = torch.autograd.grad(got_h.sum(), half)
+    (gw,) = torch.autograd.grad(want.sum(), wide)
+    assert gh.dtype == torch.bfloat16 and torch.allclose(gh.float(), gw, atol=1e-2)

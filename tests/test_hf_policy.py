@@ -366,3 +366,83 @@ def test_shared_prefill_samples_what_plain_copies_would(policy):
         shared = policy.model.generate(**shared_inputs, **common)
     assert len(shared_inputs) == 3  # the cache is really passed
     assert torch.equal(plain, shared)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(model_dir, tmp_path_factory):
+    """A tiny random Llama (rotary positions, so position ids matter) on the same tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eos = tok.convert_tokens_to_ids(EOS)
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(tok),
+                      bos_token_id=eos, eos_token_id=eos)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_training_logprobs_are_those_of_the_sampling_policy(model_dir, llama_dir, arch, temperature):
+    """On the exact sampled ids, with prompts of different lengths left-padded, the training forward's
+    log-probs equal log softmax(logits / T) of generate's own logits: same positions, same padding,
+    same temperature (T was ignored in training: log-probs at T=1 for samples drawn at T)."""
+    pol = make_policy(model_dir if arch == "gpt2" else llama_dir, temperature=temperature, max_new_tokens=8)
+    prompts = [pol._prompt(q) for q in ("what is 1 plus 2?", "what is twelve plus twelve, written out in digits?")]
+    enc = pol.tokenizer(prompts, return_tensors="pt", padding=True, **pol._prompt_kwargs())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = pol.model.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
+                                 max_new_tokens=8, min_new_tokens=8, pad_token_id=pol.tokenizer.pad_token_id,
+                                 output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    want = torch.log_softmax(torch.stack(out.logits, 1).float() / temperature, -1).gather(-1, new[..., None])[..., 0]
+    batch = [(pol.tokenizer(p, **pol._prompt_kwargs())["input_ids"], new[r].tolist(), 1.0)
+             for r, p in enumerate(prompts)]
+    assert len(batch[0][0]) != len(batch[1][0])  # the shorter prompt is left-padded
+    p_len, c_len = max(len(p) for p, _, _ in batch), new.shape[1]
+    ids = torch.full((2, p_len + c_len), pol.tokenizer.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for r, (p, c, _) in enumerate(batch):
+        ids[r, p_len - len(p):] = torch.tensor(p + c)
+        attn[r, p_len - len(p):] = 1
+    with torch.no_grad():
+        got = pol._logprobs(pol.model, ids, attn, ids[:, p_len:], torch.ones(2, c_len), c_len)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_train_step_gradient_is_the_token_level_policy_gradient(model_dir, llama_dir, arch, temperature):
+    """The step's gradient, for any micro-batch size, equals that of -sum_i A_i sum_t log pi_T(y_it) / T_tokens
+    computed one unpadded sequence at a time (ratio 1: the clipped objective's gradient at old = new)."""
+    from sapod.advantages import group_advantages
+
+    groups = [group(1, [1.0, 0.0, 0.0]),
+              Group(item(2, "what is twelve plus twelve, written out in digits?"), [" 24", " 25 maybe"], [0.0, 1.0], "p")]
+    path = model_dir if arch == "gpt2" else llama_dir
+    for mbs in (1, 8):
+        pol = make_policy(path, temperature=temperature, micro_batch_size=mbs, max_grad_norm=1e9)
+        got = {}
+        pol.optimizer.step = lambda: got.update({n: p.grad.clone() for n, p in pol.model.named_parameters()})
+        stats = pol.train_step(groups)
+        seqs = [(pol.tokenizer(pol._prompt(g.item.question), **pol._prompt_kwargs())["input_ids"],
+                 pol.tokenizer(t, add_special_tokens=False)["input_ids"][: pol.max_new_tokens], a)
+                for g in groups for t, a in zip(g.completions, group_advantages(g.rewards))]
+        total = sum(len(c) for _, c, _ in seqs)
+        assert stats["tokens"] == total
+        pol.model.zero_grad()
+        loss = 0.0
+        for p, c, a in seqs:
+            logits = pol.model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1] / temperature
+            lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])
+            term = -a * (lp - lp.detach()).exp().sum() / total  # ratio 1: the value is -A per token
+            term.backward()
+            loss += term.item()
+        assert stats["loss"] == pytest.approx(loss, abs=1e-6)
+        for n, p in pol.model.named_parameters():
+            assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), (mbs, n)

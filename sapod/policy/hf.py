@@ -15,7 +15,8 @@ Departures from textbook GRPO beyond those listed in ``sapod.grpo``:
 3. Groups whose rewards are all equal are dropped before the forward pass; they would add
    zero gradient but would count in the token normaliser.
 4. Sampling uses temperature/top_p and disables the checkpoint's top_k (and a repetition
-   penalty, if any); log-probs for training are taken at temperature 1.
+   penalty, if any); log-probs for training (and the reference's) are taken at the sampling
+   temperature, ``log_softmax(logits / T)`` as in TRL, but without top_p's truncation.
 5. With ``beta > 0`` the reference model is a frozen copy of the weights loaded at
    construction (the base model); ``load`` does not replace it.
 6. A step whose gradient norm is not finite is not applied (gradients are dropped).
@@ -313,7 +314,7 @@ class HFPolicy:
         kw = {"logits_to_keep": c_len} if self._keep_arg else {}
         with self._autocast():
             logits = model(input_ids=inputs, attention_mask=attn_in, position_ids=pos, **kw).logits
-        return completion_logprobs(logits[:, -c_len:], targets, mask)
+        return completion_logprobs(logits[:, -c_len:], targets, mask, temperature=self.temperature)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
