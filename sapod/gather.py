@@ -24,7 +24,7 @@ from sapod.schema import ROLLOUTS, Rollouts, envelope, parse_rollouts
 from sapod.store import (IO, ROLLOUT_FILE_MAX, WriteOnceCache, list_node_entries, read_each, read_json,
                          read_json_sized)
 from sapod.taskbase import TaskSource
-from sapod.types import Group, TaskItem
+from sapod.types import Generation, Group, TaskItem
 from sapod.watch import folder_version
 
 
@@ -191,7 +191,7 @@ def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random
             return None
         completions = list(claimed.completions)
         return Group(item=item, completions=completions, rewards=[tasks.score(item, c) for c in completions],
-                     source=node_id)
+                     source=node_id, finished=list(claimed.finished))
 
     def read_ahead(ks: list[int]) -> None:
         load_peer_rollouts(result, [peers[k // per_peer] for k in ks], round_, stage, concurrent=True)
@@ -202,18 +202,28 @@ def choose_external(result: GatherResult, tasks: TaskSource, j: int, rng: random
 
 
 def rollouts_doc(node_id: str, instance: str, round_: int, stage: int, epoch: int, model: str,
-                 items: list[TaskItem], completions: list[list[str]]) -> dict:
+                 items: list[TaskItem], completions: list[list[str]],
+                 finished: Sequence[Sequence[bool]] | None = None) -> dict:
+    """A rollouts file; ``finished[i][g]`` (optional) says completion g of item i ended with an
+    end-of-sequence token. An item none of whose completions finished carries no such field
+    (as in files of older nodes, which means the same)."""
     doc = envelope(ROLLOUTS, node_id, instance, round_, stage, epoch)
     doc["model"] = model
     doc["items"] = [{"task": it.task, "seed": it.seed, "index": it.index, "question": it.question,
                      "answer": it.answer, "metadata": it.metadata, "completions": list(comps)}
                     for it, comps in zip(items, completions)]
+    for entry, flags in zip(doc["items"], finished or ()):
+        if any(flags):
+            if len(flags) != len(entry["completions"]):
+                raise ValueError(f"{len(flags)} finished flags for {len(entry['completions'])} completions")
+            entry["finished"] = [bool(f) for f in flags]
     return doc
 
 
 def own_rollouts(root: Path, round_: int, stage: int, node_id: str,
-                 tasks: TaskSource) -> tuple[list[TaskItem], list[list[str]]] | None:
-    """What an earlier instance of this node published for the round, if it did.
+                 tasks: TaskSource) -> tuple[list[TaskItem], Generation] | None:
+    """What an earlier instance of this node published for the round, if it did: its items
+    and their completions (with ``tokens`` 0: none generated now).
 
     A node that restarts mid-round republishes nothing: peers may already have read
     the file, and write-once means the round keeps the content they saw. So a file
@@ -231,7 +241,8 @@ def own_rollouts(root: Path, round_: int, stage: int, node_id: str,
     except Rejected as exc:
         get_logger().warning("own_rollouts_unusable", reason=exc.reason)
         return None
-    return items, [list(c.completions) for c in rollouts.items]
+    return items, Generation(completions=[list(c.completions) for c in rollouts.items], tokens=0,
+                             finished=[list(c.finished) for c in rollouts.items])
 
 
 def own_submission(root: Path, round_: int, stage: int, node_id: str) -> bool:

@@ -171,6 +171,9 @@ class ClaimedItem:
     question: str
     answer: str | None
     completions: tuple[str, ...]
+    # finished[g]: completion g ended with an end-of-sequence token. () when none did, or the
+    # file does not say (the field is optional: files of older nodes have none).
+    finished: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ class Rollouts:
 
 
 def parse_rollouts(d: dict[str, Any], node_id: str, round_: int, stage: int) -> Rollouts:
+    """Keys it does not know are ignored, so an optional field (as ``finished`` was) can be
+    added without a version bump: older nodes read the newer files."""
     check_envelope(d, ROLLOUTS, node_id)
     _same_slot(d, round_, stage)
     raw = _get(d, "items", list)
@@ -208,9 +213,14 @@ def parse_rollouts(d: dict[str, Any], node_id: str, round_: int, stage: int) -> 
         answer = it.get("answer")
         if answer is not None and (not isinstance(answer, str) or len(answer) > MAX_TEXT):
             raise Rejected(f"item {i}: bad answer")
+        finished = it.get("finished", [])
+        if "finished" in it and (not isinstance(finished, list) or len(finished) != len(completions)
+                                 or not all(isinstance(f, bool) for f in finished)):
+            raise Rejected(f"item {i}: bad finished (not {len(completions)} booleans)")
         items.append(ClaimedItem(
             task=_str(it, "task", 128), seed=_int(it, "seed"), index=_int(it, "index", 0, 10**6),
             question=_str(it, "question", MAX_TEXT), answer=answer, completions=tuple(completions),
+            finished=tuple(finished) if any(finished) else (),  # one form for "none finished"
         ))
     return Rollouts(node_id=node_id, instance=_str(d, "instance", 64), model=_str(d, "model", 512), items=tuple(items))
 

@@ -221,30 +221,30 @@ class Worker(Node):
         t_round = time.monotonic()
         await self.set_phase("generate")
         t0 = time.monotonic()
-        tokens = 0
         earlier = await self.io(own_rollouts, self.root, r, s, self.node_id, self.tasks) if first else None
         if earlier is not None:
-            items, completions = earlier
+            items, gen = earlier
             self.log.info("reusing_published_rollouts", round=r)
         else:
             items = self.tasks.sample(cfg.num_train_samples, round_seed(cfg.seed, self.node_id, r, "questions"))
             gen = await self._gpu(self.policy.generate, items, cfg.num_generations,
                                   round_seed(cfg.seed, self.node_id, r, "generate"))
-            completions, tokens = gen.completions, gen.tokens
+        completions, tokens = gen.completions, gen.tokens
         t_generate = time.monotonic() - t0
         self._check_stop()
 
         if earlier is None:
             await self.set_phase("publish", tokens=tokens, seconds=round(t_generate, 3))
-            doc = rollouts_doc(self.node_id, self.instance, r, s, state.epoch, cfg.model, items, completions)
+            doc = rollouts_doc(self.node_id, self.instance, r, s, state.epoch, cfg.model, items, completions,
+                               gen.finished)
             await self.publish(paths.rollout_file(self.root, r, s, self.node_id), doc)
 
         await self.set_phase("gather")
         t0 = time.monotonic()
         result = await self._gather(r, s)
         t_gather = time.monotonic() - t0
-        local = [Group(it, comps, await self.io(self._score, it, comps), self.node_id)
-                 for it, comps in zip(items, completions)]
+        local = [Group(it, comps, await self.io(self._score, it, comps), self.node_id, fin)
+                 for it, comps, fin in zip(items, completions, gen.finished)]
         rng = random.Random(round_seed(cfg.seed, self.node_id, r, "external"))
         external, available, dropped = await self.io(choose_external, result, self.tasks, cfg.num_transplant_trees, rng,
                                                      4 * max(cfg.num_generations, 8), cfg.num_train_samples, r, s,

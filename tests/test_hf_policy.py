@@ -419,11 +419,15 @@ def test_training_logprobs_are_those_of_the_sampling_policy(model_dir, llama_dir
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_train_step_gradient_is_the_token_level_policy_gradient(model_dir, llama_dir, arch, temperature):
     """The step's gradient, for any micro-batch size, equals that of -sum_i A_i sum_t log pi_T(y_it) / T_tokens
-    computed one unpadded sequence at a time (ratio 1: the clipped objective's gradient at old = new)."""
+    computed one unpadded sequence at a time (ratio 1: the clipped objective's gradient at old = new), where
+    y_i ends with eos if completion i finished: the eos is trained though it is also the pad id (the mask,
+    not the id, says what is trained), and the padding after unfinished rows is not."""
     from sapod.advantages import group_advantages
 
-    groups = [group(1, [1.0, 0.0, 0.0]),
-              Group(item(2, "what is twelve plus twelve, written out in digits?"), [" 24", " 25 maybe"], [0.0, 1.0], "p")]
+    long_q = "what is twelve plus twelve, written out in digits?"
+    groups = [Group(item(1), group(1, [1.0, 0.0, 0.0]).completions, [1.0, 0.0, 0.0], "peer", [True, False, True]),
+              Group(item(2, long_q), [" 24", " 25 maybe"], [0.0, 1.0], "p", [False, True])]
+    eos = make_policy(model_dir).tokenizer.eos_token_id
     path = model_dir if arch == "gpt2" else llama_dir
     for mbs in (1, 8):
         pol = make_policy(path, temperature=temperature, micro_batch_size=mbs, max_grad_norm=1e9)
@@ -431,8 +435,8 @@ def test_train_step_gradient_is_the_token_level_policy_gradient(model_dir, llama
         pol.optimizer.step = lambda: got.update({n: p.grad.clone() for n, p in pol.model.named_parameters()})
         stats = pol.train_step(groups)
         seqs = [(pol.tokenizer(pol._prompt(g.item.question), **pol._prompt_kwargs())["input_ids"],
-                 pol.tokenizer(t, add_special_tokens=False)["input_ids"][: pol.max_new_tokens], a)
-                for g in groups for t, a in zip(g.completions, group_advantages(g.rewards))]
+                 (pol.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] * done)[: pol.max_new_tokens], a)
+                for g in groups for t, a, done in zip(g.completions, group_advantages(g.rewards), g.finished)]
         total = sum(len(c) for _, c, _ in seqs)
         assert stats["tokens"] == total
         pol.model.zero_grad()
@@ -446,3 +450,92 @@ def test_train_step_gradient_is_the_token_level_policy_gradient(model_dir, llama
         assert stats["loss"] == pytest.approx(loss, abs=1e-6)
         for n, p in pol.model.named_parameters():
             assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), (mbs, n)
+
+
+# -- the end-of-sequence token of finished completions ------------------------------------
+
+def _eos_bias(pol, bias: float):
+    """A hook making eos likelier, so a random tiny model stops in some samples and not in others."""
+    eos = pol.tokenizer.eos_token_id
+    return pol.model.lm_head.register_forward_hook(lambda m, i, out: out + bias * torch.nn.functional.one_hot(
+        torch.tensor(eos), out.shape[-1]).to(out.dtype))
+
+
+def test_generate_flags_the_completions_that_ended_with_eos(policy, model_dir):
+    """Generation.finished[i][g] is True exactly where sample g of item i ended with eos, False
+    where it ran into max_new_tokens (pad is eos here: a padded row has stopped); the static
+    cache path flags the same samples."""
+    sampled, real = [], policy.model.generate
+
+    def spy(**kw):
+        out = real(**kw)
+        sampled.append(out[:, kw["input_ids"].shape[1]:])
+        return out
+
+    policy.model.generate = spy
+    hook = _eos_bias(policy, 3.0)
+    items = [item(1), item(2)]
+    gen = policy.generate(items, num_generations=4, seed=2)
+    hook.remove()
+    eos = policy.tokenizer.eos_token_id
+    new = sampled[0]
+    want = [bool((row == eos).any()) for row in new]
+    assert [f for row in gen.finished for f in row] == want
+    assert any(want) and not all(want)
+    for row, done in zip(new, want):  # a row without eos is one that used up its tokens
+        assert done or (len(row) == policy.max_new_tokens and (row != eos).all())
+    static = make_policy(model_dir, compile_generation=True)
+    hook = _eos_bias(static, 3.0)
+    again = static.generate(items, num_generations=4, seed=2)
+    hook.remove()
+    assert again.completions == gen.completions and again.finished == gen.finished
+
+
+def _trained_ids(pol, monkeypatch, groups):
+    seen, real = [], pol._micro_batch_loss
+
+    def spy(batch, normalizer):
+        seen.extend(c for _, c, _ in batch)
+        return real(batch, normalizer)
+
+    monkeypatch.setattr(pol, "_micro_batch_loss", spy)
+    return pol.train_step(groups), seen
+
+
+def test_train_step_appends_eos_to_finished_completions_only(policy, monkeypatch):
+    """A finished completion is trained on with this node's eos after its text; one that ran
+    into the token limit is not, nor one whose re-tokenized text fills max_new_tokens (its
+    eos would follow cut text). A finished empty completion trains its eos alone."""
+    eos = policy.tokenizer.eos_token_id
+    texts = [" 2", " 3 maybe", " 1 2 3 4 5 6 7 8 9 10 11 12 13", "", ""]
+    g = Group(item(1), texts, [1.0, 0.0, 0.0, 1.0, 0.0], "peer", [True, False, True, True, False])
+    stats, seen = _trained_ids(policy, monkeypatch, [g])
+    tok = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len(tok[2]) > policy.max_new_tokens
+    want = [tok[0] + [eos], tok[1], tok[2][: policy.max_new_tokens], [eos]]  # the unfinished empty one: nothing
+    assert sorted(seen) == sorted(want)
+    assert stats["tokens"] == sum(map(len, want))
+
+
+def _eos_logprob(pol, question: str, text: str) -> float:
+    p = pol.tokenizer(pol._prompt(question), **pol._prompt_kwargs())["input_ids"]
+    c = pol.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = pol.model(torch.tensor([p + c])).logits[0, -1].float()
+    return float(torch.log_softmax(logits / pol.temperature, -1)[pol.tokenizer.eos_token_id])
+
+
+@pytest.mark.parametrize("rewards", [[1.0, 0.0], [0.0, 1.0]])
+def test_a_finished_completions_stop_is_reinforced_or_penalised(model_dir, rewards):
+    """After one step, the log-prob of eos right after a finished completion moves with its
+    advantage (up for a positive one, down for a negative one) compared with the same step on
+    the same text flagged unfinished, which leaves the stop untrained."""
+    q, texts = item(1).question, [" 2", " 3 maybe"]
+    moved = {}
+    for done in (True, False):
+        pol = make_policy(model_dir, learning_rate=1e-2)
+        before = _eos_logprob(pol, q, texts[0])
+        pol.train_step([Group(item(1), texts, rewards, "self", [done, False])])
+        moved[done] = _eos_logprob(pol, q, texts[0]) - before
+    sign = 1 if rewards[0] > rewards[1] else -1
+    assert sign * moved[True] > 0.05 and sign * (moved[True] - moved[False]) > 0.05

@@ -126,3 +126,65 @@ def test_live_set_is_kept_until_a_refresh_or_a_deadline(tmp_path):
     assert table.live() == {"w2"}  # not read yet
     table.refresh()
     assert table.live() == set() and table.live(None) == set()
+
+
+# -- the optional per-completion "finished" flags ---------------------------------------
+
+def _item(**over):
+    it = {"task": "basic_arithmetic", "seed": 1, "index": 0, "question": "q", "answer": "a", "metadata": {},
+          "completions": ["x", "y", "z"]}
+    it.update(over)
+    return it
+
+
+def test_rollouts_finished_flags_round_trip():
+    """rollouts_doc writes ``finished`` for an item where some completion ended with eos, and
+    parse_rollouts reads it back; an item none of whose completions finished carries no field
+    and reads back as none finished (()), as do files without it."""
+    from sapod.gather import rollouts_doc
+    from sapod.types import TaskItem
+
+    items = [TaskItem("basic_arithmetic", 1, i, "q", "a") for i in range(3)]
+    comps = [["x", "y", "z"]] * 3
+    doc = rollouts_doc("w1", "i1", 0, 0, 1, "m", items, comps, [[True, False, True], [False] * 3, []])
+    assert doc["items"][0]["finished"] == [True, False, True]
+    assert "finished" not in doc["items"][1] and "finished" not in doc["items"][2]
+    r = schema.parse_rollouts(doc, "w1", 0, 0)
+    assert [i.finished for i in r.items] == [(True, False, True), (), ()]
+    assert [i.completions for i in r.items] == [("x", "y", "z")] * 3
+    plain = rollouts_doc("w1", "i1", 0, 0, 1, "m", items, comps)  # a policy that cannot tell
+    assert all("finished" not in it for it in plain["items"])
+    assert all(i.finished == () for i in schema.parse_rollouts(plain, "w1", 0, 0).items)
+    with pytest.raises(ValueError):
+        rollouts_doc("w1", "i1", 0, 0, 1, "m", items[:1], comps[:1], [[True]])
+
+
+def test_old_format_rollouts_without_finished_parse():
+    """A file of an older node (no ``finished`` anywhere) parses: nothing finished."""
+    r = schema.parse_rollouts(rollouts(items=[_item()]), "w1", 0, 0)
+    assert r.items[0].finished == () and r.items[0].completions == ("x", "y", "z")
+    assert schema.parse_rollouts(rollouts(items=[_item(finished=[False] * 3)]), "w1", 0, 0).items[0].finished == ()
+
+
+def test_unknown_item_and_file_keys_are_ignored():
+    """The parser reads only the keys it knows, which is what lets an older node read a newer
+    file: here a node that does not know ``finished`` stands for one that knows neither key."""
+    doc = rollouts(items=[_item(finished=[True, False, False], later_field={"x": 1})], later_top=[1, 2])
+    r = schema.parse_rollouts(doc, "w1", 0, 0)
+    assert r.items[0].completions == ("x", "y", "z") and r.items[0].finished == (True, False, False)
+
+
+@pytest.mark.parametrize("finished", [
+    [True, False],  # too short
+    [True, False, False, True],  # too long
+    [1, 0, 0],  # numbers are not booleans
+    [True, "no", False],
+    "true",
+    None,
+    {"0": True},
+])
+def test_bad_finished_flags_are_rejected(finished):
+    """``finished`` must be a list of booleans as long as ``completions``; anything else
+    rejects the whole file, like any other malformed field."""
+    with pytest.raises(Rejected, match="bad finished"):
+        schema.parse_rollouts(rollouts(items=[_item(finished=finished)]), "w1", 0, 0)

@@ -541,3 +541,38 @@ def test_inotify_asked_for_on_a_network_mount_is_warned_about(make_cfg, monkeypa
     warned = [e for e in map(json.loads, out.getvalue().splitlines()) if e["event"] == "inotify_on_network_mount"]
     assert sorted(e["node"] for e in warned) == ["coord", "w1"]
     assert all(e["hint"] == "WATCH_MODE=auto polls here" and "only this machine" in e["reason"] for e in warned)
+
+
+def test_finished_flags_travel_from_generation_to_training(make_cfg, monkeypatch):
+    """A worker publishes its Generation's finished flags in its rollouts file and trains on
+    them: its own groups with its flags, its peer's groups with the flags the peer published."""
+    from sapod.policy.scripted import ScriptedPolicy
+    from sapod.types import Generation
+
+    real_generate = ScriptedPolicy.generate
+    trained: list = []
+
+    def generate(self, items, num_generations, seed):
+        gen = real_generate(self, items, num_generations, seed)
+        flags = [[(seed + i) % 2 == 0 and g % 2 == 0 for g in range(num_generations)] for i in range(len(items))]
+        return Generation(gen.completions, gen.tokens, flags)
+
+    def train_step(self, groups):
+        trained.extend(groups)
+        return {"loss": 0.0, "grad_norm": 0.0, "tokens": 0}
+
+    monkeypatch.setattr(ScriptedPolicy, "generate", generate)
+    monkeypatch.setattr(ScriptedPolicy, "train_step", train_step)
+    nodes = swarm(make_cfg, max_rounds=2)
+    assert run_nodes(*nodes) == [None, None, None]
+    root = nodes[0].root
+    published = {}
+    for r in range(2):
+        for w in ("w1", "w2"):
+            doc = read_json(paths.rollout_file(root, r, 0, w), 1 << 24)
+            for it in schema.parse_rollouts(doc, w, r, 0).items:
+                published[(w, it.task, it.seed, it.index, it.completions)] = list(it.finished) or [False] * 4
+    assert any(any(f) for f in published.values()) and any(not any(f) for f in published.values())
+    assert trained and any(g.source == "w1" for g in trained) and any(g.source == "w2" for g in trained)
+    for g in trained:
+        assert g.finished == published[(g.source, g.item.task, g.item.seed, g.item.index, tuple(g.completions))]

@@ -13,10 +13,14 @@ class Policy(Protocol):
     name: str
 
     def generate(self, items: Sequence[TaskItem], num_generations: int, seed: int) -> Generation:
-        """G completions per item, all in one batched call, reproducible for a seed."""
+        """G completions per item, all in one batched call, reproducible for a seed.
+
+        ``Generation.finished`` says which ended with an end-of-sequence token; a policy
+        that cannot tell leaves it empty (none finished)."""
 
     def train_step(self, groups: Sequence[Group]) -> dict[str, float]:
-        """One policy-gradient update on scored groups.
+        """One policy-gradient update on scored groups (``Group.finished``: which completions
+        ended with an end-of-sequence token, whose stop a token-level policy trains on).
 
         Returns at least ``loss``, ``grad_norm`` and ``tokens`` (completion tokens trained on).
         """

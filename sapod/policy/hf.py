@@ -10,8 +10,14 @@ Departures from textbook GRPO beyond those listed in ``sapod.grpo``:
    sampled by *their* models, yet are trained on as if on-policy, with no importance
    correction (SAPO's choice).
 2. Completions arrive as text and are re-tokenized with this node's tokenizer, truncated to
-   ``max_new_tokens``. No eos is appended, so the model gets no gradient on when to stop,
-   and the tokens trained on may differ from the ones sampled.
+   ``max_new_tokens``, so the tokens trained on may differ from the ones sampled. A
+   completion that ended with an end-of-sequence token (``Group.finished``; carried in the
+   rollouts file for peers' completions) gets this node's eos (the tokenizer's) appended
+   and trained on like its text, as TRL trains the eos of completions that end with one, so
+   the model learns when to stop; one that ran into the token limit gets none. The eos is
+   not appended where the re-tokenized text already fills ``max_new_tokens`` (it would
+   follow cut text), and it is the tokenizer's eos whichever of the model's eos ids ended
+   the sample.
 3. Groups whose rewards are all equal are dropped before the forward pass; they would add
    zero gradient but would count in the token normaliser.
 4. Sampling uses temperature/top_p and disables the checkpoint's top_k (and a repetition
@@ -120,6 +126,9 @@ class HFPolicy:
         eos = self.model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         self._eos_ids = sorted({i for i in [*eos, tok.eos_token_id] if i is not None})
+        # appended to finished completions in training (None: no eos known, nothing appended)
+        self._stop_id = tok.eos_token_id if tok.eos_token_id is not None else next(
+            (i for i in eos if i is not None), None)
         self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
         self.learning_rate = learning_rate
@@ -144,12 +153,21 @@ class HFPolicy:
     def _prompt(self, question: str) -> str:
         return format_prompt(self.tokenizer, question, self.system_prompt)
 
+    def _is_eos(self, new: torch.Tensor) -> torch.Tensor:
+        return torch.isin(new, torch.tensor(self._eos_ids, dtype=new.dtype, device=new.device))
+
     def _lengths(self, new: torch.Tensor) -> torch.Tensor:
         """Generated tokens per row: up to and including the first eos, else the non-pad ones."""
-        is_eos = torch.isin(new, torch.tensor(self._eos_ids, device=new.device))
+        is_eos = self._is_eos(new)
         first = is_eos.int().argmax(dim=1)
         non_pad = (new != self.tokenizer.pad_token_id).sum(dim=1)
         return torch.where(is_eos.any(dim=1), first + 1, non_pad)
+
+    def _finished(self, new: torch.Tensor) -> list[bool]:
+        """Per row: whether it ended with an eos rather than at ``max_new_tokens``. generate
+        stops a row at its first eos and pads it after, so any eos in a row is its end (a
+        pad equal to an eos only ever follows one)."""
+        return self._is_eos(new).any(dim=1).tolist()
 
     def _shared_prefill(self, enc, g: int) -> dict:
         """Inputs for one generate call over I prompts x G samples that encodes each prompt once.
@@ -211,8 +229,10 @@ class HFPolicy:
             out = self._sample(inputs, seed)
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        completions = [texts[i * num_generations : (i + 1) * num_generations] for i in range(len(items))]
-        return Generation(completions=completions, tokens=int(self._lengths(new).sum()))
+        rows = [slice(i * num_generations, (i + 1) * num_generations) for i in range(len(items))]
+        finished = self._finished(new)
+        return Generation(completions=[texts[r] for r in rows], tokens=int(self._lengths(new).sum()),
+                          finished=[finished[r] for r in rows])
 
     def _sample(self, inputs: dict, seed: int, **extra) -> torch.Tensor:
         # Global seeding is safe: a process's nodes all generate on one executor thread.
@@ -232,17 +252,19 @@ class HFPolicy:
         seqs: list[tuple[list[int], list[int], float]] = []  # prompt ids, completion ids, advantage
         used = 0
         for group in groups:
-            if len(group.completions) != len(group.rewards):
-                raise ValueError("group has a different number of completions and rewards")
+            if not len(group.completions) == len(group.rewards) == len(group.finished):
+                raise ValueError("group has a different number of completions, rewards and finished flags")
             if not has_signal(group.rewards):
                 continue
             used += 1
             prompt_text = self._prompt(group.item.question)
             prompt = self.tokenizer(prompt_text, **self._prompt_kwargs())["input_ids"]
-            for text, adv in zip(group.completions, group_advantages(group.rewards)):
+            for text, adv, done in zip(group.completions, group_advantages(group.rewards), group.finished):
                 # split_special_tokens: a literal "<|im_end|>" in the text is text (it was decoded
                 # without special tokens), not the control token
                 ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                if done and self._stop_id is not None and len(ids) < self.max_new_tokens:
+                    ids = [*ids, self._stop_id]  # its stop is trained on too (the mask, not the id, says so)
                 ids = ids[: self.max_new_tokens]
                 if ids:
                     seqs.append((prompt, ids, adv))
